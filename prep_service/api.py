@@ -1,0 +1,58 @@
+"""Typed request/result objects of the prep pipeline (shared by the CLI and the gRPC server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16")
+GQA_STRATEGIES = ("replicate_to_tp_degree", "convert_to_mha")
+
+
+class PrepError(Exception):
+    """Bad input or a failed preparation; the message names the offending file or tensor."""
+
+
+class PrepCancelled(Exception):
+    """The preparation was cancelled; nothing was published."""
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    source: str
+    revision: str | None = None
+    output: str | None = None  # store URI; None = the default store
+    tp_degree: int = 1
+    dtype: str = "float32"
+    gqa_strategy: str | None = None  # None = chosen from the head counts
+    force: bool = False
+    allow_pickle: bool = False
+    name: str | None = None  # model name in the store; None = derived from the source
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.source.strip():
+            raise PrepError("source is empty")
+        if self.tp_degree < 1 or self.tp_degree > 128:
+            raise PrepError(f"tp_degree must be in [1, 128], got {self.tp_degree}")
+        if self.dtype not in DTYPES:
+            raise PrepError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.gqa_strategy is not None and self.gqa_strategy not in GQA_STRATEGIES:
+            raise PrepError(
+                f"gqa_strategy must be one of {', '.join(GQA_STRATEGIES)}, got {self.gqa_strategy!r}"
+            )
+
+
+@dataclass
+class Progress:
+    stage: str = "pending"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    tensors_done: int = 0
+    tensors_total: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    manifest_uri: str
+    artifact_key: str
+    reused: bool
+    manifest: dict = field(default_factory=dict, compare=False)

@@ -1,0 +1,394 @@
+"""The prep pipeline: resolve a checkpoint, convert + TP-shard it tensor by tensor, publish it.
+
+Order of work (DESIGN §4): validate everything that can be validated before writing a byte
+(config → family → architecture → target; every tensor present, used and of the right shape, found
+from the safetensors headers alone), then stream one canonical tensor at a time through the
+family's conversion and the generic sharder into per-rank shard writers, upload the files, and
+write the manifest last with a conditional create.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from prep_service.api import PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
+from prep_service.sources import ResolvedSource, resolve_source
+from prep_service.st_io import PlannedTensor, SafetensorsFormatError, StreamingWriter, TensorInfo, read_header, read_tensor
+from shared.families import Family, ParamRule, UnsupportedModel, family_for_config
+from shared.families.base import Architecture
+from shared.layout import LayoutError, Target, canonical_shape, make_target, shard
+from shared.manifest import HF_SIDE_FILES, MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, shard_path
+from shared.storage import ObjectExists, ObjectStore, StoreError, open_store
+
+log = logging.getLogger("neuron_serve.prep")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PIPELINE_VERSION = "prep-1"  # bump when the shard format or pipeline changes what is written
+_HASH_CHUNK = 8 * 1024 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Reporter:
+    """Throttled progress callback plus cancellation checks."""
+
+    def __init__(self, cb: Callable[[Progress], None] | None, cancel: threading.Event | None):
+        self.p = Progress()
+        self._cb = cb
+        self._cancel = cancel
+        self._last = 0.0
+
+    def stage(self, name: str, *, bytes_total: int | None = None, tensors_total: int | None = None) -> None:
+        self.check()
+        self.p.stage = name
+        if bytes_total is not None:
+            self.p.bytes_total, self.p.bytes_done = bytes_total, 0
+        if tensors_total is not None:
+            self.p.tensors_total, self.p.tensors_done = tensors_total, 0
+        log.info("stage %s", name)
+        self._emit(force=True)
+
+    def advance(self, nbytes: int = 0, tensors: int = 0, force: bool = False) -> None:
+        self.p.bytes_done += nbytes
+        self.p.tensors_done += tensors
+        self._emit(force=force or tensors > 0)  # every tensor/file; hashing chunks are throttled
+        self.check()
+
+    def check(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise PrepCancelled("preparation cancelled")
+
+    def _emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._cb is not None and (force or now - self._last >= 0.1):
+            self._last = now
+            self._cb(Progress(**vars(self.p)))
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if on_bytes:
+                on_bytes(n)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint reading
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A lazy mapping from HF key to tensor over the checkpoint's weight files.
+
+    ``infos`` (shapes/dtypes) come from the safetensors headers alone; ``__getitem__`` reads one
+    tensor. Pickle files (only with allow_pickle) are loaded with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, root: Path, allow_pickle: bool, key_prefixes: tuple[str, ...]):
+        self.root = root
+        st = sorted(root.glob("*.safetensors"))
+        pickles = sorted(p for pat in ("*.bin", "*.pt", "*.pth") for p in root.glob(pat))
+        self.files: list[Path] = st or pickles
+        self._where: dict[str, tuple[Path, TensorInfo | None]] = {}
+        self._loaded: dict[str, torch.Tensor] = {}
+        if not st and pickles and not allow_pickle:
+            raise PrepError(
+                f"{pickles[0]}: pickle checkpoints can run arbitrary code when loaded and are refused; "
+                "convert the checkpoint to safetensors, or pass --allow-pickle to load it with "
+                "torch.load(weights_only=True)"
+            )
+        if not self.files:
+            raise PrepError(f"{root}: no weight files (*.safetensors) in the checkpoint directory")
+        for path in self.files:
+            if path.suffix == ".safetensors":
+                try:
+                    entries = [(k, (path, info)) for k, info in read_header(path).items()]
+                except SafetensorsFormatError as e:
+                    raise PrepError(str(e)) from None
+            else:
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # torch raises many types for a bad pickle
+                    raise PrepError(f"{path}: not loadable with torch.load(weights_only=True): {e}") from None
+                if not isinstance(sd, Mapping):
+                    raise PrepError(f"{path}: does not contain a state dict")
+                entries = []
+                for k, t in sd.items():
+                    self._loaded[k] = t
+                    entries.append((k, (path, None)))
+            for key, loc in entries:
+                key = _strip(key, key_prefixes)
+                if key in self._where:
+                    raise PrepError(f"tensor {key!r} appears in both {self._where[key][0].name} and {loc[0].name}")
+                self._where[key] = loc
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        path, info = self._where[key]
+        if info is None:
+            t = self._loaded[key]
+            return t.dtype, tuple(t.shape)
+        return info.dtype, info.shape
+
+    def nbytes(self, key: str) -> int:
+        dtype, shape = self.info(key)
+        return dtype.itemsize * int(torch.Size(shape).numel())
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key][0]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path, info = self._where[key]
+        if info is None:
+            return self._loaded[key]
+        try:
+            return read_tensor(path, info)
+        except SafetensorsFormatError as e:
+            raise PrepError(str(e)) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    for p in prefixes:
+        if key.startswith(p):
+            return key[len(p) :]
+    return key
+
+
+class _MetaView(Mapping[str, torch.Tensor]):
+    """Meta tensors with the checkpoint's shapes: runs conversion + sharding without data."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self._c = ckpt
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        dtype, shape = self._c.info(key)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._c)
+
+    def __len__(self) -> int:
+        return len(self._c)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+def validate(
+    ckpt: Checkpoint, family: Family, arch: Architecture, rules: list[ParamRule], target: Target
+) -> list[list[PlannedTensor]]:
+    """Every tensor present, used and well-shaped — from the headers alone. Returns per-rank plans."""
+    used: set[str] = set()
+    for rule in rules:
+        for src in rule.sources:
+            if src not in ckpt:
+                names = ", ".join(p.name for p in ckpt.files)
+                raise PrepError(f"tensor {src!r} (needed for {rule.name}) is missing from the checkpoint ({names})")
+            used.add(src)
+    ignore = [re.compile(p) for p in family.ignore_key_patterns]
+    for key in ckpt:
+        if key not in used and not any(p.fullmatch(key) for p in ignore):
+            raise PrepError(
+                f"unexpected tensor {key!r} in {ckpt.file_of(key).name}: not used by the {family.name} "
+                "converter (does config.json describe these weights?)"
+            )
+    dtype = DTYPES[target.dtype]
+    meta = _MetaView(ckpt)
+    plans: list[list[PlannedTensor]] = [[PlannedTensor("rank", torch.int32, (1,))] for _ in range(target.tp_degree)]
+    for rule in rules:
+        srcs = ", ".join(f"{s} {list(ckpt.info(s)[1])}" for s in rule.sources)
+        try:
+            t = _cast(rule.build(meta), dtype)
+        except RuntimeError as e:
+            raise PrepError(f"{rule.name}: source tensors have incompatible shapes ({srcs}): {e}") from None
+        want = canonical_shape(rule.name, arch)
+        if want is not None and tuple(t.shape) != want:
+            raise PrepError(f"{rule.name}: expected shape {list(want)} from config.json, got {list(t.shape)} from {srcs}")
+        for r, part in enumerate(shard(rule.name, t, arch, target)):
+            plans[r].append(PlannedTensor(rule.name, part.dtype, tuple(part.shape)))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def artifact_key(identity: object, family: Family, target: Target) -> str:
+    blob = json.dumps(
+        {
+            "source": identity,
+            "family": family.name,
+            "converter": family.converter_version,
+            "pipeline": PIPELINE_VERSION,
+            "schema": SCHEMA_VERSION,
+            "target": target.to_dict(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _load_config(root: Path) -> dict:
+    cfg_path = root / "config.json"
+    if not cfg_path.exists():
+        what = "is empty" if root.is_dir() and not any(root.iterdir()) else "has no config.json"
+        raise PrepError(f"{root}: {what}; expected a Hugging Face checkpoint directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrepError(f"{cfg_path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise PrepError(f"{cfg_path}: not a JSON object")
+    return cfg
+
+
+def prepare(
+    req: PrepareRequest,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> PrepareResult:
+    """Prepare ``req.source`` into the store; idempotent by artifact key. See the module docstring."""
+    rep = _Reporter(progress, cancel)
+    try:
+        store = open_store(req.output)
+    except ValueError as e:
+        raise PrepError(f"output {req.output!r}: {e}") from None
+    rep.stage("resolving")
+    with tempfile.TemporaryDirectory(prefix="neuron-serve-prep-") as work:
+        src = resolve_source(req.source, revision=req.revision, workdir=Path(work), on_stage=rep.stage)
+        try:
+            return _prepare(req, src, store, Path(work), rep)
+        except StoreError as e:
+            raise PrepError(f"store {store.uri}: {e}") from None
+        finally:
+            src.close()
+
+
+def _prepare(req: PrepareRequest, src: ResolvedSource, store: ObjectStore, work: Path, rep: _Reporter) -> PrepareResult:
+    cfg = _load_config(src.root)
+    try:
+        family = family_for_config(cfg)
+        arch = family.arch_from_hf(cfg)
+        target = make_target(arch, req.tp_degree, req.dtype, req.gqa_strategy)
+    except (UnsupportedModel, LayoutError) as e:
+        raise PrepError(f"{src.root / 'config.json'}: {e}") from None
+
+    ckpt = Checkpoint(src.root, req.allow_pickle, family.key_prefixes)
+    side_files = [src.root / n for n in HF_SIDE_FILES if (src.root / n).is_file()]
+    hashed = src.hashed_files or [*ckpt.files, *side_files]
+
+    rep.stage("hashing", bytes_total=sum(p.stat().st_size for p in hashed))
+    source_files = []
+    for p in hashed:
+        digest = sha256_file(p, on_bytes=lambda n: rep.advance(n))
+        rel = p.name if src.kind == "gguf" else str(p.relative_to(src.root))
+        source_files.append({"path": rel, "size": p.stat().st_size, "sha256": digest})
+    identity = src.identity or [(f["path"], f["sha256"]) for f in source_files]
+    key = artifact_key(identity, family, target)
+    name = req.name or src.name
+    if not _NAME.match(name):
+        raise PrepError(f"model name {name!r} must match {_NAME.pattern}")
+    prefix = f"models/{name}/{key}"
+    manifest_key = f"{prefix}/{MANIFEST_NAME}"
+    manifest_uri = store.uri_for(manifest_key)
+
+    if not req.force and store.exists(manifest_key):
+        log.info("artifact %s exists; reusing", manifest_uri)
+        rep.stage("done")
+        return PrepareResult(manifest_uri, key, True, json.loads(store.get_bytes(manifest_key)))
+
+    rules = family.rules(arch)
+    plans = validate(ckpt, family, arch, rules, target)
+
+    staging = work / "artifact"
+    (staging / "shards").mkdir(parents=True)
+    tp = target.tp_degree
+    writers = [
+        StreamingWriter(
+            staging / shard_path(r, tp),
+            plans[r],
+            metadata={"format": "pt", "rank": str(r), "tp_degree": str(tp), "artifact_key": key},
+        )
+        for r in range(tp)
+    ]
+    uploaded = False
+    try:
+        rep.stage("converting", bytes_total=sum(ckpt.nbytes(s) for r in rules for s in r.sources), tensors_total=len(rules))
+        for r, w in enumerate(writers):
+            w.write("rank", torch.tensor([r], dtype=torch.int32))
+        dtype = DTYPES[target.dtype]
+        for rule in rules:
+            t = _cast(rule.build(ckpt), dtype)
+            for r, part in enumerate(shard(rule.name, t, arch, target)):
+                writers[r].write(rule.name, part)
+            del t, part
+            rep.advance(sum(ckpt.nbytes(s) for s in rule.sources), tensors=1)
+        files: list[FileEntry] = []
+        for r, w in enumerate(writers):
+            files.append(FileEntry(shard_path(r, tp), w.size, w.close()))
+        for p in side_files:
+            shutil.copyfile(p, staging / p.name)
+            files.append(FileEntry(p.name, p.stat().st_size, sha256_file(p)))
+
+        rep.stage("uploading", bytes_total=sum(f.size for f in files))
+        uploaded = True
+        for f in files:
+            store.put_file(f"{prefix}/{f.path}", staging / f.path, sha256=f.sha256)
+            rep.advance(f.size, force=True)
+
+        manifest = Manifest(
+            name=name,
+            artifact_key=key,
+            source={"uri": src.uri, "kind": src.kind, "revision": src.revision, "files": source_files},
+            family=family.name,
+            architecture=arch,
+            target=target,
+            converter_version=f"{family.converter_version}+{PIPELINE_VERSION}",
+            files=tuple(files),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        rep.check()
+        try:
+            store.create_exclusive(manifest_key, manifest.to_json())
+            reused = False
+        except ObjectExists:  # a concurrent identical preparation (or --force over an existing one) won
+            if not req.force:
+                reused = True
+            else:
+                store.put_bytes(manifest_key, manifest.to_json())
+                reused = False
+        rep.stage("done")
+        return PrepareResult(manifest_uri, key, reused, json.loads(manifest.to_json()))
+    except BaseException:
+        for w in writers:
+            w.abort()
+        if uploaded and not store.exists(manifest_key):
+            try:
+                store.delete_prefix(prefix + "/")
+            except StoreError:
+                log.warning("could not clean up %s after a failed preparation", prefix, exc_info=True)
+        raise

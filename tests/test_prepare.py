@@ -54,14 +54,24 @@ def _verify_by_download(manifest_uri: str, tmp_path: Path) -> Manifest:
 def test_prepare_publishes_verified_artifact_and_reuses_it(tmp_path: Path, store_uri: str, tp: int) -> None:
     model = make_llama(tmp_path / "ckpt")
     seen: list[Progress] = []
-    res = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=tp, output=store_uri), progress=seen.append)
-    assert not res.reused and res.manifest_uri.startswith(store_uri) and res.manifest_uri.endswith("manifest.json")
+    res = prepare(
+        PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=tp, output=store_uri), progress=seen.append
+    )
+    assert (
+        not res.reused
+        and res.manifest_uri.startswith(store_uri)
+        and res.manifest_uri.endswith("manifest.json")
+    )
     assert {"hashing", "converting", "uploading", "done"} <= {p.stage for p in seen}
     man = _verify_by_download(res.manifest_uri, tmp_path)
     paths = {f.path for f in man.files}
     assert {shard_path(r, tp) for r in range(tp)} | {"config.json", "generation_config.json"} <= paths
     assert man.family == "llama" and man.target.tp_degree == tp and man.artifact_key == res.artifact_key
-    assert [f["path"] for f in man.source["files"]] == ["model.safetensors", "config.json", "generation_config.json"]
+    assert [f["path"] for f in man.source["files"]] == [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+    ]
 
     # the shards hold exactly the converted tensors
     shards = [load_file(tmp_path / "verify" / shard_path(r, tp)) for r in range(tp)]
@@ -72,7 +82,9 @@ def test_prepare_publishes_verified_artifact_and_reuses_it(tmp_path: Path, store
 
     again = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=tp, output=store_uri))
     assert again.reused and again.manifest_uri == res.manifest_uri
-    forced = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=tp, output=store_uri, force=True))
+    forced = prepare(
+        PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=tp, output=store_uri, force=True)
+    )
     assert not forced.reused and forced.manifest_uri == res.manifest_uri
     assert len(_manifests(store_uri)) == 1
 
@@ -114,8 +126,11 @@ def test_cancel_midway_leaves_no_manifest(tmp_path: Path, store_uri: str) -> Non
             cancel.set()
 
     with pytest.raises(PrepCancelled):
-        prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=2, output=store_uri),
-                progress=on_progress, cancel=cancel)
+        prepare(
+            PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=2, output=store_uri),
+            progress=on_progress,
+            cancel=cancel,
+        )
     assert _manifests(store_uri) == []
     res = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=2, output=store_uri))
     assert not res.reused and _manifests(store_uri) != []
@@ -130,8 +145,11 @@ def test_cancel_during_upload_removes_partial_files(tmp_path: Path, store_uri: s
             cancel.set()
 
     with pytest.raises(PrepCancelled):
-        prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=2, output=store_uri),
-                progress=on_progress, cancel=cancel)
+        prepare(
+            PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=2, output=store_uri),
+            progress=on_progress,
+            cancel=cancel,
+        )
     assert open_store(store_uri).list("models/") == []
 
 
@@ -158,8 +176,13 @@ _KILL_SCRIPT = textwrap.dedent(
 
 def test_killed_midway_leaves_no_manifest(tmp_path: Path, store_uri: str) -> None:
     make_llama(tmp_path / "ckpt")
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path / "ckpt"), store_uri],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path / "ckpt"), store_uri],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -205,13 +228,17 @@ def test_wrong_shape(tmp_path: Path) -> None:
         sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 64)
 
     _rewrite_weights(tmp_path / "ckpt", edit)
-    _expect_error(tmp_path, tmp_path / "ckpt", r"layers\.0\.mlp\.gate_up\.weight.*up_proj\.weight \[100, 64\]")
+    _expect_error(
+        tmp_path, tmp_path / "ckpt", r"layers\.0\.mlp\.gate_up\.weight.*up_proj\.weight \[100, 64\]"
+    )
 
 
 def test_unexpected_tensor(tmp_path: Path) -> None:
     make_llama(tmp_path / "ckpt")
     _rewrite_weights(tmp_path / "ckpt", lambda sd: sd.__setitem__("model.extra.weight", torch.zeros(3)))
-    _expect_error(tmp_path, tmp_path / "ckpt", r"unexpected tensor 'model\.extra\.weight' in model\.safetensors")
+    _expect_error(
+        tmp_path, tmp_path / "ckpt", r"unexpected tensor 'model\.extra\.weight' in model\.safetensors"
+    )
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:
@@ -219,7 +246,9 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     cfg = read_config(tmp_path / "ckpt")
     cfg.update(model_type="frobnicator", architectures=["FrobnicatorForCausalLM"])
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
-    _expect_error(tmp_path, tmp_path / "ckpt", r"config\.json: unknown architecture: model_type='frobnicator'")
+    _expect_error(
+        tmp_path, tmp_path / "ckpt", r"config\.json: unknown architecture: model_type='frobnicator'"
+    )
 
 
 def test_empty_directory(tmp_path: Path) -> None:
@@ -233,9 +262,16 @@ def test_missing_source(tmp_path: Path) -> None:
 
 def test_tp_the_heads_cannot_take(tmp_path: Path) -> None:
     make_llama(tmp_path / "ckpt", num_attention_heads=9, num_key_value_heads=3, hidden_size=72)
-    _expect_error(tmp_path, tmp_path / "ckpt", r"needs tp \(2\) to be a multiple of num_key_value_heads \(3\)",
-                  tp_degree=2, gqa_strategy="replicate_to_tp_degree")
-    _expect_error(tmp_path, tmp_path / "ckpt", r"intermediate_size \(128\) is not divisible by tp \(3\)", tp_degree=3)
+    _expect_error(
+        tmp_path,
+        tmp_path / "ckpt",
+        r"needs tp \(2\) to be a multiple of num_key_value_heads \(3\)",
+        tp_degree=2,
+        gqa_strategy="replicate_to_tp_degree",
+    )
+    _expect_error(
+        tmp_path, tmp_path / "ckpt", r"intermediate_size \(128\) is not divisible by tp \(3\)", tp_degree=3
+    )
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:
@@ -250,7 +286,9 @@ def test_pickle_refused_unless_allowed(tmp_path: Path) -> None:
     (tmp_path / "ckpt" / "model.safetensors").unlink()
     torch.save(model.state_dict(), tmp_path / "ckpt" / "pytorch_model.bin")
     _expect_error(tmp_path, tmp_path / "ckpt", r"pytorch_model\.bin: pickle checkpoints .* --allow-pickle")
-    res = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), output=f"file://{tmp_path}/store", allow_pickle=True))
+    res = prepare(
+        PrepareRequest(source=str(tmp_path / "ckpt"), output=f"file://{tmp_path}/store", allow_pickle=True)
+    )
     shard = load_file(Path(res.manifest_uri.removeprefix("file://")).parent / shard_path(0, 1))
     assert torch.equal(shard["embed.weight"], model.state_dict()["model.embed_tokens.weight"])
 
@@ -265,8 +303,12 @@ def test_pickle_with_code_is_not_executed(tmp_path: Path) -> None:
             return (os.system, (f"touch {marker}",))
 
     torch.save({"x": Evil()}, tmp_path / "ckpt" / "pytorch_model.bin")
-    _expect_error(tmp_path, tmp_path / "ckpt", r"pytorch_model\.bin: not loadable with torch\.load\(weights_only=True\)",
-                  allow_pickle=True)
+    _expect_error(
+        tmp_path,
+        tmp_path / "ckpt",
+        r"pytorch_model\.bin: not loadable with torch\.load\(weights_only=True\)",
+        allow_pickle=True,
+    )
     assert not marker.exists()
 
 
@@ -290,11 +332,13 @@ def test_gguf_source_real_model(tmp_path: Path) -> None:
     expected = canonical_from_hf(ref.state_dict(), "llama", cfg)
     shards = [load_file(tmp_path / "verify" / shard_path(r, 2)) for r in range(2)]
     for name in ("embed.weight", "layers.0.attn.qkv.weight", "layers.29.mlp.down.weight", "norm.weight"):
-        assert torch.equal(unshard(name, [s[name] for s in shards], man.architecture, man.target), expected[name])
+        assert torch.equal(
+            unshard(name, [s[name] for s in shards], man.architecture, man.target), expected[name]
+        )
 
 
 _RSS_SCRIPT = textwrap.dedent(
-    """
+    r"""
     import re, sys
     from prep_service.api import PrepareRequest
     from prep_service.convert import prepare
@@ -311,8 +355,14 @@ def _write_big_llama(path: Path) -> int:
     """A ~1.5 GB random fp32 Llama checkpoint in three safetensors files, written tensor by tensor."""
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
-                      num_key_value_heads=4, vocab_size=32000)
+    cfg = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
     path.mkdir(parents=True)
     cfg.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
@@ -352,8 +402,14 @@ def _write_big_llama(path: Path) -> int:
 def test_peak_rss_under_1gb_for_a_1_5gb_checkpoint(tmp_path: Path) -> None:
     size = _write_big_llama(tmp_path / "big")
     assert size > 1.4e9
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big"), f"file://{tmp_path}/store"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big"), f"file://{tmp_path}/store"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     peak_kb = int(out.stdout.split("PEAK_RSS_KB")[-1].split()[0])
     print(f"checkpoint {size / 1e9:.2f} GB, peak RSS {peak_kb / 1024:.0f} MiB")

@@ -63,10 +63,20 @@ def _sharded_layer(shards: list[dict], man: Manifest, x: torch.Tensor, cos, sin,
         (8, 2, 2, None, "none"),
     ],
 )
-def test_decoder_layer_from_shards_matches_transformers(tmp_path: Path, heads, kv, tp, strategy, expected) -> None:
-    model = make_llama(tmp_path / "ckpt", num_attention_heads=heads, num_key_value_heads=kv, hidden_size=8 * heads)
-    res = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), tp_degree=tp, gqa_strategy=strategy,
-                                 output=f"file://{tmp_path}/store"))
+def test_decoder_layer_from_shards_matches_transformers(
+    tmp_path: Path, heads, kv, tp, strategy, expected
+) -> None:
+    model = make_llama(
+        tmp_path / "ckpt", num_attention_heads=heads, num_key_value_heads=kv, hidden_size=8 * heads
+    )
+    res = prepare(
+        PrepareRequest(
+            source=str(tmp_path / "ckpt"),
+            tp_degree=tp,
+            gqa_strategy=strategy,
+            output=f"file://{tmp_path}/store",
+        )
+    )
     root = Path(res.manifest_uri.removeprefix("file://")).parent
     man = Manifest.from_json((root / "manifest.json").read_bytes())
     assert man.target.gqa_strategy == expected

@@ -48,7 +48,7 @@ def _sanitize_name(s: str) -> str:
 
 
 def _is_pathlike(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or os.sep in source and Path(source).exists()
+    return source.startswith(("/", "./", "../", "~")) or (os.sep in source and Path(source).exists())
 
 
 def resolve_source(
@@ -66,21 +66,29 @@ def resolve_source(
     if source.startswith("file://"):
         source = source[len("file://") :]
     elif "://" in source:
-        raise PrepError(f"unsupported source scheme in {source!r}: use a local path, file://, s3:// or a hub repo id")
+        raise PrepError(
+            f"unsupported source scheme in {source!r}: use a local path, file://, s3:// or a hub repo id"
+        )
     path = Path(source).expanduser()
     if path.exists():
         path = path.resolve()
         if path.is_file():
             if path.suffix == ".gguf":
                 return _from_gguf(path, workdir, on_stage)
-            raise PrepError(f"{path}: a file source must be a .gguf file; give the checkpoint directory instead")
+            raise PrepError(
+                f"{path}: a file source must be a .gguf file; give the checkpoint directory instead"
+            )
         return ResolvedSource(uri=f"file://{path}", kind="local", root=path, name=_sanitize_name(path.name))
     if _is_pathlike(source) or not _REPO_ID.match(source):
-        raise PrepError(f"source not found: {source!r} is not an existing path, an s3:// URI or a hub repo id")
+        raise PrepError(
+            f"source not found: {source!r} is not an existing path, an s3:// URI or a hub repo id"
+        )
     return _from_hub(source, revision, workdir, on_stage)
 
 
-def _from_hub(repo: str, revision: str | None, workdir: Path, on_stage: Callable[[str], None]) -> ResolvedSource:
+def _from_hub(
+    repo: str, revision: str | None, workdir: Path, on_stage: Callable[[str], None]
+) -> ResolvedSource:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -89,11 +97,15 @@ def _from_hub(repo: str, revision: str | None, workdir: Path, on_stage: Callable
     try:
         info = HfApi(token=token).model_info(repo, revision=revision)
     except RepositoryNotFoundError:
-        raise PrepError(f"hub repo {repo!r} not found (or HF_TOKEN lacks access); no local path of that name either") from None
+        raise PrepError(
+            f"hub repo {repo!r} not found (or HF_TOKEN lacks access); no local path of that name either"
+        ) from None
     except RevisionNotFoundError:
         raise PrepError(f"hub repo {repo!r} has no revision {revision!r}") from None
     except (HfHubHTTPError, OSError) as e:
-        raise PrepError(f"could not reach the Hugging Face Hub for {repo!r} (and no local path of that name): {e}") from None
+        raise PrepError(
+            f"could not reach the Hugging Face Hub for {repo!r} (and no local path of that name): {e}"
+        ) from None
     sha = info.sha
     files = {s.rfilename for s in (info.siblings or [])}
     patterns = list(META_PATTERNS) + list(WEIGHT_PATTERNS)
@@ -101,7 +113,9 @@ def _from_hub(repo: str, revision: str | None, workdir: Path, on_stage: Callable
         patterns += list(PICKLE_PATTERNS)  # refused later unless --allow-pickle
     on_stage("downloading")
     try:
-        local = snapshot_download(repo, revision=sha, allow_patterns=patterns, token=token, cache_dir=workdir / "hub")
+        local = snapshot_download(
+            repo, revision=sha, allow_patterns=patterns, token=token, cache_dir=workdir / "hub"
+        )
     except (HfHubHTTPError, OSError) as e:
         raise PrepError(f"download of {repo}@{sha} failed: {e}") from None
     return ResolvedSource(

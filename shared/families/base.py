@@ -167,7 +167,9 @@ class ParamRule:
         return self.combine([tensors[s] for s in self.sources])
 
 
-def convert(rules: Sequence[ParamRule], tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def convert(
+    rules: Sequence[ParamRule], tensors: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Pure conversion: HF tensors (a lazy mapping) -> canonical tensors, one at a time."""
     for rule in rules:
         yield rule.name, rule.build(tensors)

@@ -1,0 +1,246 @@
+"""gRPC server plumbing shared by the prep and exec servers.
+
+Both servers are ``grpc.aio`` servers with the same options, the standard ``grpc.health.v1``
+service (liveness on ``""``, readiness per service name), server reflection, Prometheus metrics on a
+separate HTTP port and a graceful drain on SIGTERM/SIGINT:
+
+    readiness NOT_SERVING -> new work refused -> in-flight work finishes (up to a grace period)
+    -> server stopped
+
+Liveness (``""``) stays SERVING while draining: the process is healthy and finishing its work, and a
+failing liveness probe would only make Kubernetes kill it early.
+
+TLS / mTLS and bearer-token auth are added in a later issue (they plug in as server credentials and
+an interceptor passed to :func:`create_server`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Generate requests/responses and operations are small; 64 MiB leaves room for long prompts given as
+# token ids and for large ModelInfo/ListOperations answers while still bounding a hostile client.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel arguments for both servers."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Server-initiated keepalive pings find dead clients of long streams (WatchOperation,
+        # Generate) behind NATs and load balancers that drop idle connections.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Accept client keepalive pings as often as every 10 s (the default 5 min makes clients
+        # that ping more often than that get GOAWAY "too_many_pings").
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # gRPC enables SO_REUSEPORT by default on Linux, which lets a second server silently share
+        # a port that is already in use; a port clash must be an error instead.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):  # bare IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+@dataclass
+class GrpcServer:
+    """An aio server with health and reflection, bound but not yet started."""
+
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    port: int
+    host: str
+    service_names: tuple[str, ...]
+    _serving: bool = field(default=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return _address(self.host, self.port)
+
+    async def start(self, ready: bool = True) -> None:
+        """Starts serving. Readiness for every service name becomes SERVING, or stays NOT_SERVING
+        with ``ready=False`` (a server that answers health checks while it loads a model)."""
+        await self.set_ready(False)
+        await self.server.start()
+        if ready:
+            await self.set_ready(True)
+
+    async def set_ready(self, ready: bool) -> None:
+        status = SERVING if ready else NOT_SERVING
+        for name in self.service_names:
+            await self.health.set(name, status)
+        self._serving = ready
+
+    @property
+    def ready(self) -> bool:
+        return self._serving
+
+    async def drain(
+        self,
+        grace_s: float,
+        wait_idle: Callable[[float], Awaitable[None]] | None = None,
+        min_stop_grace_s: float = 1.0,
+    ) -> None:
+        """Graceful shutdown: readiness NOT_SERVING, let in-flight work finish, then stop.
+
+        ``wait_idle(timeout_s)`` is the service's own hook: it stops accepting new work, waits up to
+        ``timeout_s`` for in-flight work, and winds down what is left. Whatever grace remains after
+        it (at least ``min_stop_grace_s``, so that streams can still send the final state of work
+        that was just wound down) is given to the in-flight RPCs by ``server.stop``.
+        """
+        deadline = time.monotonic() + max(grace_s, 0.0)
+        await self.set_ready(False)
+        if wait_idle is not None:
+            try:
+                await wait_idle(max(deadline - time.monotonic(), 0.0))
+            except Exception:
+                log.exception("error while draining")
+        await self.server.stop(grace=max(deadline - time.monotonic(), min_stop_grace_s))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.set_ready(False)
+        await self.server.stop(grace=grace_s)
+
+
+def create_server(
+    servicers: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    reflection_enabled: bool = True,
+) -> GrpcServer:
+    """Creates a ``grpc.aio`` server with health and reflection and binds ``host:port``.
+
+    ``servicers(server)`` adds the service implementations (``add_XServicer_to_server``).
+    ``port=0`` picks a free port; the bound one is in the result. Must be called with a running
+    event loop (the aio server binds to it). Readiness for ``service_names`` is NOT_SERVING until
+    :meth:`GrpcServer.start`; liveness ``""`` is SERVING from the start.
+    """
+    # TODO(tls, auth): server credentials (TLS / mTLS) and a bearer-token interceptor come in a later
+    # issue; they slot in here as add_secure_port(...) and an entry in `interceptors`.
+    server = grpc.aio.server(
+        options=server_options(max_message_bytes),
+        interceptors=list(interceptors) or None,
+    )
+    servicers(server)
+
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = tuple(service_names)
+    if reflection_enabled:
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises when the port cannot be bound
+        raise OSError(f"cannot bind gRPC server to {address}: {e}") from e
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return GrpcServer(server=server, health=health, port=bound, host=host, service_names=names)
+
+
+def install_signal_handlers(
+    drain: Callable[[], Awaitable[None]],
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> Callable[[], None]:
+    """On the first SIGTERM/SIGINT, runs ``drain()`` as a task on the running loop.
+
+    A second signal while draining exits the process at once (status 130 for SIGINT, 143 for
+    SIGTERM), the way an operator expects a repeated Ctrl-C to behave. Returns a function that
+    removes the handlers. Must be called from the event loop's thread (the main thread).
+    """
+    loop = asyncio.get_running_loop()
+    sigs = tuple(signals)
+    state: dict[str, asyncio.Task | None] = {"task": None}
+
+    def on_signal(sig: signal.Signals) -> None:
+        if state["task"] is None:
+            log.info("received %s: draining", sig.name)
+            state["task"] = loop.create_task(drain(), name="drain")
+        else:
+            log.warning("received %s again while draining: exiting now", sig.name)
+            os._exit(128 + int(sig))
+
+    for sig in sigs:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    def remove() -> None:
+        for sig in sigs:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+    return remove
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1", registry=None):
+    """Serves Prometheus metrics over HTTP on ``host:port`` in a daemon thread.
+
+    ``port=0`` disables it (returns None). Returns the ``WSGIServer``; call ``shutdown()`` and
+    ``server_close()`` on it to stop.
+    """
+    if not port:
+        return None
+    import prometheus_client
+
+    kwargs = {} if registry is None else {"registry": registry}
+    httpd, _thread = prometheus_client.start_http_server(port, addr=host, **kwargs)
+    log.info("metrics on http://%s/metrics", _address(host, port))
+    return httpd
+
+
+def new_metrics_registry():
+    """A fresh registry with the process/platform/GC collectors (one per server object, so that
+    several servers in one process, as in tests, don't collide on metric names)."""
+    import prometheus_client
+    from prometheus_client import gc_collector, platform_collector, process_collector
+
+    registry = prometheus_client.CollectorRegistry()
+    process_collector.ProcessCollector(registry=registry)
+    platform_collector.PlatformCollector(registry=registry)
+    gc_collector.GCCollector(registry=registry)
+    return registry
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str | int | None = None) -> None:
+    """Logs to stderr; level from the argument, else ``NEURON_SERVE_LOG_LEVEL``, else INFO."""
+    if level is None:
+        level = os.environ.get("NEURON_SERVE_LOG_LEVEL", "INFO")
+    if isinstance(level, str):
+        level = level.upper()
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)

@@ -243,4 +243,22 @@ def setup_logging(level: str | int | None = None) -> None:
         level = os.environ.get("NEURON_SERVE_LOG_LEVEL", "INFO")
     if isinstance(level, str):
         level = level.upper()
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (not the object it was at set-up), so a
+    replaced or closed stderr (pytest capture, daemonized runs) never breaks logging."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass

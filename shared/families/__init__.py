@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from shared.families import llama
+from shared.families import granite, llama, llama4, mixtral, phi3, qwen2, qwen3, qwen3_moe
 from shared.families.base import Architecture, Family, MoEConfig, ParamRule, RopeConfig, UnsupportedModel
 
 REGISTRY: dict[str, Family] = {
     "llama": llama.FAMILY,
+    "qwen2": qwen2.FAMILY,
+    "qwen3": qwen3.FAMILY,
+    "granite": granite.FAMILY,
+    "phi3": phi3.FAMILY,
+    "mixtral": mixtral.FAMILY,
+    "qwen3_moe": qwen3_moe.FAMILY,
+    "llama4_text": llama4.FAMILY,  # Llama4ForCausalLM
+    "llama4": llama4.FAMILY,  # Llama4ForConditionalGeneration (text part)
 }
 
 

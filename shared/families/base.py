@@ -89,7 +89,9 @@ class Architecture:
     moe: MoEConfig | None = None
     # per-layer flags (empty = all layers use RoPE, full attention)
     nope_layers: tuple[int, ...] = ()
-    attention_chunk_size: int | None = None  # chunked (local) attention on RoPE layers
+    attention_chunk_size: int | None = None  # chunked (local) attention ...
+    chunked_layers: tuple[int, ...] = ()  # ... on these layers
+    sliding_window: int | None = None  # each token attends to at most this many previous tokens
     attn_temperature_tuning: bool = False
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
@@ -153,6 +155,16 @@ def cat0(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def stack0(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(parts), dim=0)
+
+
+def stack_pairs(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[gate_0, up_0, gate_1, up_1, …] (each [I, H]) -> stacked experts [E, 2I, H]."""
+    return torch.stack([torch.cat([parts[i], parts[i + 1]], dim=0) for i in range(0, len(parts), 2)], dim=0)
+
+
+def transpose12(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One stacked-experts tensor stored as [E, in, out] (x @ W) -> our [E, out, in]."""
+    return parts[0].transpose(1, 2)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds running operations get to finish on SIGTERM before they are cancelled (default 30)",
     )
     s.add_argument("--log-level", default="INFO", help="log level on stderr (default INFO)")
+    from shared.grpc_util import add_security_arguments
+
+    add_security_arguments(s)
     s.set_defaults(func=cmd_prep_server)
 
 
@@ -266,9 +269,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_prep_server(args: argparse.Namespace) -> int:
     from prep_service.server import serve
-    from shared.grpc_util import setup_logging
+    from shared.grpc_util import ServerSecurity, setup_logging
+    from shared.security import SecurityConfigError
 
     setup_logging(args.log_level)
+    try:
+        security = ServerSecurity.from_args(args)
+    except SecurityConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.max_workers < 1:
         print(f"error: --max-workers must be >= 1, got {args.max_workers}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -281,6 +290,7 @@ def cmd_prep_server(args: argparse.Namespace) -> int:
                 max_workers=args.max_workers,
                 metrics_port=args.metrics_port,
                 grace_s=args.grace_period,
+                security=security,
             )
         )
     except KeyboardInterrupt:  # before the signal handlers were installed

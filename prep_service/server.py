@@ -500,7 +500,9 @@ class PrepServer:
         metrics_port: int = 0,
         grace_s: float = 30.0,
         prepare: PrepareFn | None = None,
+        security: grpc_util.ServerSecurity | None = None,
     ) -> None:
+        self.security = security
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
@@ -522,6 +524,7 @@ class PrepServer:
             [SERVICE_NAME],
             host=self.host,
             port=self.port,
+            security=self.security,
         )
         await self._grpc.start()
         self.port = self._grpc.port
@@ -559,9 +562,11 @@ async def serve(
     max_workers: int = 1,
     metrics_port: int = 0,
     grace_s: float = 30.0,
+    security: grpc_util.ServerSecurity | None = None,
 ) -> None:
     """Runs the prep server until SIGTERM/SIGINT, then drains gracefully."""
     server = PrepServer(
+        security=security,
         store_uri=store_uri,
         host=host,
         port=port,

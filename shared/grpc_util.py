@@ -25,11 +25,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
+from shared.security import BearerTokenInterceptor, TLSConfig, load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class GrpcServer:
     port: int
     host: str
     service_names: tuple[str, ...]
+    health_server: grpc.aio.Server | None = None
     _serving: bool = field(default=False, repr=False)
 
     @property
@@ -88,6 +92,8 @@ class GrpcServer:
         with ``ready=False`` (a server that answers health checks while it loads a model)."""
         await self.set_ready(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if ready:
             await self.set_ready(True)
 
@@ -122,10 +128,14 @@ class GrpcServer:
             except Exception:
                 log.exception("error while draining")
         await self.server.stop(grace=max(deadline - time.monotonic(), min_stop_grace_s))
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.set_ready(False)
         await self.server.stop(grace=grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
 
 
 def create_server(
@@ -137,6 +147,7 @@ def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     reflection_enabled: bool = True,
+    security: ServerSecurity | None = None,
 ) -> GrpcServer:
     """Creates a ``grpc.aio`` server with health and reflection and binds ``host:port``.
 
@@ -145,11 +156,15 @@ def create_server(
     event loop (the aio server binds to it). Readiness for ``service_names`` is NOT_SERVING until
     :meth:`GrpcServer.start`; liveness ``""`` is SERVING from the start.
     """
-    # TODO(tls, auth): server credentials (TLS / mTLS) and a bearer-token interceptor come in a later
-    # issue; they slot in here as add_secure_port(...) and an entry in `interceptors`.
+    security = security or ServerSecurity()
+    interceptors = list(interceptors)
+    if security.tokens:
+        interceptors.insert(
+            0, BearerTokenInterceptor(security.tokens, allow_reflection=security.reflection_without_auth)
+        )
     server = grpc.aio.server(
         options=server_options(max_message_bytes),
-        interceptors=list(interceptors) or None,
+        interceptors=interceptors or None,
     )
     servicers(server)
 
@@ -162,14 +177,78 @@ def create_server(
             server,
         )
 
+    creds = security.tls.server_credentials() if security.tls else None
+    bound = _bind(server, host, port, creds)
+    health_server = None
+    if security.health_port is not None:
+        # Kubernetes' gRPC probes cannot speak TLS: a plaintext port that serves health only.
+        health_server = grpc.aio.server(options=server_options(64 * 1024))
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        _bind(health_server, host, security.health_port, None)
+    return GrpcServer(
+        server=server, health=health, port=bound, host=host, service_names=names, health_server=health_server
+    )
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None) -> int:
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as e:  # grpcio raises when the port cannot be bound
         raise OSError(f"cannot bind gRPC server to {address}: {e}") from e
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
-    return GrpcServer(server=server, health=health, port=bound, host=host, service_names=names)
+    return bound
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """TLS (mTLS when ``tls.client_ca_file`` is set), bearer tokens, and the plaintext health port."""
+
+    tls: TLSConfig | None = None
+    tokens: tuple[bytes, ...] = ()
+    health_port: int | None = None
+    reflection_without_auth: bool = True
+
+    @classmethod
+    def from_args(cls, args: Any) -> ServerSecurity:
+        """From the CLI flags added by :func:`add_security_arguments` (env vars as fallback)."""
+        hp = args.health_port if args.health_port is not None else os.environ.get("NEURON_SERVE_HEALTH_PORT")
+        return cls(
+            tls=TLSConfig.from_options(args.tls_cert, args.tls_key, args.tls_client_ca),
+            tokens=load_tokens(args.auth_token_file),
+            health_port=int(hp) if hp not in (None, "") else None,
+            reflection_without_auth=not args.reflection_requires_auth,
+        )
+
+
+def add_security_arguments(parser: Any) -> None:
+    g = parser.add_argument_group(
+        "security (flags override NEURON_SERVE_TLS_* / NEURON_SERVE_AUTH_* env vars)"
+    )
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate (enables TLS)")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="server private key")
+    g.add_argument(
+        "--tls-client-ca",
+        default=None,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mTLS)",
+    )
+    g.add_argument(
+        "--auth-token-file", default=None, metavar="FILE", help="accepted bearer tokens, one per line"
+    )
+    g.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="plaintext port serving only grpc.health.v1 (for probes when TLS is on)",
+    )
+    g.add_argument(
+        "--reflection-requires-auth",
+        action="store_true",
+        help="also require the bearer token for server reflection",
+    )
 
 
 def install_signal_handlers(

@@ -1,0 +1,332 @@
+"""The engine: continuous batching over the static step graphs (token level; no text).
+
+A ``step()`` = (1) free the slots of aborted requests, (2) admit waiting requests into free slots and
+prefill each (chunked by the largest context bucket; the last chunk samples the first token),
+(3) one token-generation graph over all slots for every running request (including those just
+admitted). Requests join and leave between steps; a finished request's slot is free for the next step.
+
+Batch invariance: a request's uniforms come from its own ``torch.Generator(seed)``, one draw per
+token it samples, so the same request with the same seed yields the same tokens whatever else runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from exec_service.engine.types import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from exec_service.model.loading import ManifestShards, ShardSource
+from exec_service.runtime.executor import LocalExecutor, TPExecutor
+from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, context_bucket, kv_bucket, make_mask
+from exec_service.runtime.runner import RuntimeConfig
+from exec_service.runtime.sampling import NEUTRAL_PARAMS, NUM_PARAMS
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    request: Request
+    seed: int
+    generator: torch.Generator
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    @property
+    def total_len(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.generated)
+
+
+@dataclass
+class _Pending:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Engine:
+    """Token-level generation engine over one model artifact (all TP ranks)."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        config: RuntimeConfig | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        config = config or RuntimeConfig()
+        self.arch, self.target = source.arch, source.target
+        self.eos_token_ids = frozenset(self.arch.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.config = config
+        self.tp = self.target.tp_degree
+        self.executor = TPExecutor(source, config) if self.tp > 1 else LocalExecutor(source, config)
+        self._waiting: deque[_Seq] = deque()
+        self._running: dict[int, _Seq] = {}  # slot -> sequence
+        self._by_id: dict[str, _Seq] = {}
+        self._free: list[int] = list(range(self.config.max_batch_size))
+        self._aborted: list[str] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_manifest(cls, manifest_uri: str, config: RuntimeConfig | None = None, **kw) -> Engine:
+        return cls(ManifestShards(manifest_uri), config, **kw)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> str:
+        """Queue a request; returns its id. Raises ValueError for what this model cannot take."""
+        n = len(request.prompt_token_ids)
+        limit = self.config.max_seq_len
+        if n >= limit:
+            raise ValueError(
+                f"prompt has {n} tokens; this engine takes at most {limit - 1} (max_seq_len {limit})"
+            )
+        bad = [t for t in request.prompt_token_ids if t >= self.arch.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:4]} are outside the vocabulary ({self.arch.vocab_size})"
+            )
+        if request.sampling.top_logprobs > self.config.num_top_logprobs:
+            raise ValueError(
+                f"top_logprobs {request.sampling.top_logprobs} > the configured maximum {self.config.num_top_logprobs}"
+            )
+        stop = request.stopping
+        if stop.min_new_tokens:
+            n_sup = len(set(stop.stop_token_ids) | (set() if stop.ignore_eos else set(self.eos_token_ids)))
+            if n_sup > self.config.max_suppressed_ids:
+                raise ValueError(
+                    f"min_new_tokens with {n_sup} stop/EOS ids: at most {self.config.max_suppressed_ids} supported"
+                )
+        rid = request.request_id or f"req-{next(self._ids)}"
+        if rid in self._by_id:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        seq = _Seq(rid, request, seed, torch.Generator().manual_seed(seed))
+        self._by_id[rid] = seq
+        self._waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its slot is freed (and an ABORTED output reported) at the next step.
+        False when the id is unknown or already finished."""
+        seq = self._by_id.get(request_id)
+        if seq is None or seq.finish is not None or request_id in self._aborted:
+            return False
+        self._aborted.append(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running or self._aborted)
+
+    @property
+    def context_buckets(self) -> tuple[int, ...]:
+        return self.config.context_buckets
+
+    @property
+    def kv_buckets(self) -> tuple[int, ...]:
+        return self.config.kv_buckets
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def step(self) -> list[RequestOutput]:
+        pending: dict[str, _Pending] = {}
+        finished: list[_Seq] = []
+        for rid in self._aborted:
+            seq = self._by_id[rid]
+            seq.finish = FinishReason.ABORTED
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+            self._release(seq)
+            finished.append(seq)
+        self._aborted.clear()
+
+        while self._waiting and self._free:
+            seq = self._waiting.popleft()
+            seq.slot = self._free.pop(0)
+            self._running[seq.slot] = seq
+            self._prefill(seq, pending.setdefault(seq.request_id, _Pending()))
+            if seq.finish is not None:
+                finished.append(seq)
+                self._release(seq)
+
+        if self._running:
+            for seq in self._decode(pending):
+                finished.append(seq)
+                self._release(seq)
+
+        outs = []
+        for rid, p in pending.items():
+            seq = self._by_id[rid]
+            outs.append(self._output(seq, p))
+        for seq in finished:
+            if seq.request_id not in pending:
+                outs.append(self._output(seq, _Pending()))
+            del self._by_id[seq.request_id]
+        return outs
+
+    def generate(self, requests: Iterable[Request]) -> dict[str, tuple[list[int], FinishReason]]:
+        """Convenience: run the given requests to completion (with whatever else is queued)."""
+        ids = [self.add_request(r) for r in requests]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        reasons: dict[str, FinishReason] = {}
+        while any(i not in reasons for i in ids):
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id] += out.new_token_ids
+                    if out.finish_reason is not None:
+                        reasons[out.request_id] = out.finish_reason
+        return {i: (tokens[i], reasons[i]) for i in ids}
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.slot >= 0:
+            self._running.pop(seq.slot, None)
+            self._free.append(seq.slot)
+            self._free.sort()
+            seq.slot = -1
+
+    def _suppressed(self, seq: _Seq) -> list[int]:
+        """Ids the next token must not be: while below min_new_tokens, EOS (unless ignored) and the
+        request's stop ids (vLLM's min_tokens semantics)."""
+        stop = seq.request.stopping
+        if len(seq.generated) >= stop.min_new_tokens:
+            return []
+        ids = set(stop.stop_token_ids) | (set() if stop.ignore_eos else set(self.eos_token_ids))
+        return sorted(ids)
+
+    def _suppress_row(self, seq: _Seq) -> torch.Tensor:
+        row = torch.full((self.config.max_suppressed_ids,), -1, dtype=torch.int64)
+        ids = self._suppressed(seq)
+        row[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return row
+
+    def _uniform(self, seq: _Seq) -> float:
+        return float(torch.rand((), generator=seq.generator))
+
+    def _prefill(self, seq: _Seq, pending: _Pending) -> None:
+        prompt = seq.request.prompt_token_ids
+        ctx, kv = self.config.context_buckets, self.config.kv_buckets
+        start = 0
+        while start < len(prompt):
+            n = min(len(prompt) - start, ctx[-1])
+            s = context_bucket(ctx, n)
+            spec = GraphSpec(CONTEXT, 1, s, kv_bucket(kv, start + s), self.config.max_suppressed_ids)
+            ids = torch.zeros(1, s, dtype=torch.int64)
+            ids[0, :n] = torch.tensor(prompt[start : start + n])
+            pos = torch.arange(start, start + s, dtype=torch.int64)[None]
+            final = start + n == len(prompt)
+            inputs = (
+                ids,
+                pos,
+                torch.tensor([seq.slot], dtype=torch.int64),
+                make_mask(pos, spec.kv_len),
+                torch.tensor([n - 1], dtype=torch.int64),
+                torch.tensor([seq.request.sampling.as_row()], dtype=torch.float32),
+                torch.tensor([self._uniform(seq) if final else 0.0], dtype=torch.float32),
+                self._suppress_row(seq)[None],
+            )
+            out = self.executor.run(spec, inputs)
+            start += n
+        self._accept(seq, out, 0, pending)
+
+    def _decode(self, pending: dict[str, _Pending]) -> list[_Seq]:
+        b = self.config.max_batch_size
+        ids = torch.zeros(b, 1, dtype=torch.int64)
+        pos = torch.zeros(b, 1, dtype=torch.int64)  # unused slots: padding rows at position 0 of their slot
+        params = torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
+        uni = torch.zeros(b, dtype=torch.float32)
+        sup = torch.full((b, self.config.max_suppressed_ids), -1, dtype=torch.int64)
+        for slot, seq in self._running.items():
+            ids[slot, 0] = seq.generated[-1]
+            pos[slot, 0] = seq.total_len - 1
+            params[slot] = torch.tensor(seq.request.sampling.as_row())
+            uni[slot] = self._uniform(seq)
+            sup[slot] = self._suppress_row(seq)
+        kv = kv_bucket(self.config.kv_buckets, int(pos.max()) + 1)
+        spec = GraphSpec(DECODE, b, 1, kv, self.config.max_suppressed_ids)
+        slots = torch.arange(b, dtype=torch.int64)
+        out = self.executor.run(
+            spec,
+            (
+                ids,
+                pos,
+                slots,
+                make_mask(pos, spec.kv_len),
+                torch.zeros(b, dtype=torch.int64),
+                params,
+                uni,
+                sup,
+            ),
+        )
+        done = []
+        for slot, seq in list(self._running.items()):
+            self._accept(seq, out, slot, pending.setdefault(seq.request_id, _Pending()))
+            if seq.finish is not None:
+                done.append(seq)
+        return done
+
+    def _accept(self, seq: _Seq, out: tuple[torch.Tensor, ...], row: int, pending: _Pending) -> None:
+        tok = int(out[0][row])
+        seq.generated.append(tok)
+        pending.tokens.append(tok)
+        sp: SamplingParams = seq.request.sampling
+        if sp.logprobs:
+            n = sp.top_logprobs
+            top = tuple(zip(out[2][row, :n].tolist(), out[3][row, :n].tolist(), strict=True))
+            pending.logprobs.append(TokenLogprob(tok, float(out[1][row]), top))
+        if self.config.return_logits:
+            pending.logits.append(out[4][row].clone())
+        stop = seq.request.stopping
+        if tok in stop.stop_token_ids:
+            seq.finish = FinishReason.STOP_TOKEN
+        elif not stop.ignore_eos and tok in self.eos_token_ids:
+            seq.finish = FinishReason.EOS
+        elif stop.max_new_tokens is not None and len(seq.generated) >= stop.max_new_tokens:
+            seq.finish = FinishReason.LENGTH
+        elif seq.total_len >= self.config.max_seq_len:
+            seq.finish = FinishReason.CONTEXT_LENGTH
+
+    def _output(self, seq: _Seq, p: _Pending) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=tuple(p.tokens),
+            logprobs=tuple(p.logprobs) if seq.request.sampling.logprobs else None,
+            finish_reason=seq.finish,
+            num_prompt_tokens=len(seq.request.prompt_token_ids),
+            num_generated_tokens=len(seq.generated),
+            seed=seq.seed,
+            logits=tuple(p.logits),
+        )
+
+
+assert len(SamplingParams().as_row()) == NUM_PARAMS

@@ -1,0 +1,1 @@
+"""Exec model: parallel layers, collectives, the generic decoder, strict shard loading."""

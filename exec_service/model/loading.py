@@ -1,0 +1,161 @@
+"""Strict loading of one rank's shard, and the sources rank shards come from.
+
+* ``ManifestShards``: the production path — the manifest (``shared.manifest``) from a store URI,
+  the rank's ``shards/rank-…`` file checked against the manifest's sha256 *before* it is read.
+* ``HFShards`` / ``shards_from_hf_state_dict``: convert an HF checkpoint in process with the family's
+  rules and ``shared.layout.shard`` (tests and development; the same canonical tensors prep writes).
+
+``load_strict`` refuses missing or extra keys, and any shape or dtype difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from shared.families import REGISTRY, family_for_config
+from shared.families.base import Architecture
+from shared.layout import Target, make_target, shard
+from shared.manifest import Manifest, shard_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ShardLoadError(ValueError):
+    """A shard that does not match the model: checksum, missing/extra keys, shape or dtype."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ShardLoadError(f"unsupported dtype {name!r} (have {', '.join(DTYPES)})") from None
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str = "shard") -> None:
+    """Copy ``state`` into ``module``'s persistent parameters and buffers; no missing/extra keys,
+    shapes and dtypes must match exactly."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ShardLoadError(
+            f"{what}: missing keys {missing[:8]}{'…' if len(missing) > 8 else ''}, "
+            f"unexpected keys {extra[:8]}{'…' if len(extra) > 8 else ''}"
+        )
+    for name, t in state.items():
+        mine = own[name]
+        if tuple(t.shape) != tuple(mine.shape):
+            raise ShardLoadError(
+                f"{what}: {name} has shape {tuple(t.shape)}, the model expects {tuple(mine.shape)}"
+            )
+        if t.dtype != mine.dtype:
+            raise ShardLoadError(f"{what}: {name} has dtype {t.dtype}, the model expects {mine.dtype}")
+    module.load_state_dict(dict(state), strict=True)
+
+
+class ShardSource(Protocol):
+    """Picklable: TP worker processes call ``load(rank)`` themselves."""
+
+    arch: Architecture
+    target: Target
+
+    def load(self, rank: int) -> dict[str, torch.Tensor]: ...
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ManifestShards:
+    """Rank shards of a prepared artifact, addressed by its manifest URI (file:// or s3://)."""
+
+    def __init__(self, manifest_uri: str) -> None:
+        from shared.storage import split_uri
+
+        self.manifest_uri = manifest_uri
+        store, key = split_uri(manifest_uri)
+        self.manifest = Manifest.from_json(store.get_bytes(key))
+        self.arch, self.target = self.manifest.architecture, self.manifest.target
+
+    def load(self, rank: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        from shared.storage import split_uri
+
+        tp = self.target.tp_degree
+        if not 0 <= rank < tp:
+            raise ShardLoadError(f"rank {rank} out of range for tp {tp}")
+        rel = shard_path(rank, tp)
+        entry = self.manifest.file(rel)
+        store, _ = split_uri(self.manifest_uri)
+        local = store.local_path(rel)
+        with tempfile.TemporaryDirectory(prefix="neuron-serve-shard-") as tmp:
+            path = Path(local) if local is not None else Path(tmp) / "shard.safetensors"
+            if local is None:
+                store.download_file(rel, path)
+            digest = _sha256(path)
+            if digest != entry.sha256:
+                raise ShardLoadError(f"{rel}: sha256 {digest} does not match the manifest's {entry.sha256}")
+            return load_file(str(path))
+
+
+def shards_from_hf_state_dict(
+    hf_state: Mapping[str, torch.Tensor], arch: Architecture, target: Target, family: str = "llama"
+) -> list[dict[str, torch.Tensor]]:
+    """Canonical rank state dicts (incl. ``rank``) straight from an in-memory HF state dict."""
+    fam = REGISTRY[family]
+    dtype = torch_dtype(target.dtype)
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(target.tp_degree)]
+    for rule in fam.rules(arch):
+        parts = shard(rule.name, rule.build(hf_state).to(dtype), arch, target)
+        for r, t in enumerate(parts):
+            ranks[r][rule.name] = t.contiguous()
+    for r in range(target.tp_degree):
+        ranks[r]["rank"] = torch.tensor([r], dtype=torch.int32)
+    return ranks
+
+
+@dataclass
+class InMemoryShards:
+    """Already built rank state dicts (tests)."""
+
+    arch: Architecture
+    target: Target
+    ranks: list[dict[str, torch.Tensor]]
+
+    def load(self, rank: int) -> dict[str, torch.Tensor]:
+        return self.ranks[rank]
+
+
+class HFShards:
+    """Converts a local HF checkpoint directory (config.json + *.safetensors) in each process."""
+
+    def __init__(
+        self, path: str | Path, tp: int = 1, dtype: str = "float32", gqa_strategy: str | None = None
+    ) -> None:
+        self.path = Path(path)
+        cfg = json.loads((self.path / "config.json").read_text())
+        self.family = family_for_config(cfg)
+        self.arch = self.family.arch_from_hf(cfg)
+        self.target = make_target(self.arch, tp, dtype, gqa_strategy)
+
+    def load(self, rank: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        hf: dict[str, torch.Tensor] = {}
+        for f in sorted(self.path.glob("*.safetensors")):
+            hf.update(load_file(str(f)))
+        return shards_from_hf_state_dict(hf, self.arch, self.target, self.family.name)[rank]

@@ -1,0 +1,1 @@
+"""Exec runtime: KV cache, step graphs, sampling, backends, executors (TP)."""

@@ -1,0 +1,74 @@
+"""Backends: how a step graph is run.
+
+* ``cpu``: eager PyTorch, or ``torch.compile`` per static shape (``compile=True``; slow to build here).
+* ``cuda``: the same graphs on ``device="cuda"`` (UNVERIFIED: no GPU on the development machines).
+* ``neuron``: import-guarded stub; tracing with torch-neuronx / neuronx-distributed is a later issue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from exec_service.runtime.graphs import StepGraph
+
+GraphFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine."""
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, compile: bool = False) -> None:
+        self.compile = compile
+        self.device = torch.device("cpu")
+
+    def prepare(self, graph: StepGraph) -> GraphFn:
+        if not self.compile:
+            return graph
+        return torch.compile(graph, fullgraph=True, dynamic=False)
+
+
+class CudaBackend(CpuBackend):
+    """UNVERIFIED: same code on a CUDA device; tp > 1 would use nccl."""
+
+    name = "cuda"
+
+    def __init__(self, compile: bool = False) -> None:
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend 'cuda' needs a CUDA device and a CUDA build of torch")
+        super().__init__(compile)
+        self.device = torch.device("cuda")
+
+
+class NeuronBackend:
+    name = "neuron"
+
+    def __init__(self, compile: bool = True) -> None:
+        missing = []
+        for mod in ("torch_neuronx", "neuronx_distributed"):
+            try:
+                __import__(mod)
+            except ImportError:
+                missing.append(mod)
+        if missing:
+            raise BackendUnavailable(
+                f"backend 'neuron' needs the Neuron SDK: cannot import {', '.join(missing)} "
+                "(install the neuron extra on a Trainium/Inferentia host)"
+            )
+        raise NotImplementedError("backend 'neuron': tracing the step graphs with NxD is not implemented yet")
+
+
+BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend, "neuron": NeuronBackend}
+
+
+def get_backend(name: str, compile: bool = False) -> CpuBackend | NeuronBackend:
+    try:
+        cls = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r} (have {', '.join(BACKENDS)})") from None
+    return cls(compile)

@@ -1,0 +1,167 @@
+"""The static-shape step graphs (DESIGN §5) and their input-shape signatures.
+
+Every graph is ONE pure function of its tensor inputs (plus the cache / count buffers it updates):
+
+    (input_ids [B,S] i64, positions [B,S] i64, slots [B] i64, mask [B,S,K] bool, last_idx [B] i64,
+     params [B,NUM_PARAMS] f32, uniforms [B] f32, suppress_ids [B,M] i64)
+      -> (tokens [B] i64, logprob [B] f32, top_ids [B,n] i64, top_logprobs [B,n] f32[, logits [B,V]])
+
+* context encoding ``ctx`` (B=1, S=context bucket >= 2, K=KV bucket >= start+S): prefill one slot,
+  possibly one chunk of a longer prompt, attending to that slot's cache prefix [:K];
+* token generation ``tkg`` (B=max_batch, S=1, K=KV bucket): one token for every slot (row b is slot b;
+  rows of unused slots are padding and write only to their own, unused, slot).
+
+The mask's K makes every (kind, S, K) a distinct input-shape signature; S >= 2 for context buckets
+keeps prefill and decode apart even at max_batch = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from exec_service.model.decoder import DecoderModel
+from exec_service.runtime.kv_cache import KVCache
+from exec_service.runtime.sampling import NUM_PARAMS, TokenCounts, sample
+
+CONTEXT = "ctx"
+DECODE = "tkg"
+
+
+@dataclass(frozen=True, order=True)
+class GraphSpec:
+    kind: str  # CONTEXT or DECODE
+    batch: int
+    seq: int
+    kv_len: int
+    suppress: int = 1  # M: width of the per-row suppressed-ids input (RuntimeConfig.max_suppressed_ids)
+
+    def __post_init__(self) -> None:
+        if self.kind not in (CONTEXT, DECODE):
+            raise ValueError(f"unknown graph kind {self.kind!r}")
+        if self.kind == DECODE and self.seq != 1:
+            raise ValueError("a token-generation graph has seq 1")
+        if self.kind == CONTEXT and (self.seq < 2 or self.batch != 1):
+            raise ValueError("a context-encoding graph has batch 1 and seq >= 2")
+        if self.kv_len < self.seq:
+            raise ValueError(f"kv_len {self.kv_len} < seq {self.seq}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_b{self.batch}_s{self.seq}_k{self.kv_len}"
+
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        b, s, k = self.batch, self.seq, self.kv_len
+        return ((b, s), (b, s), (b,), (b, s, k), (b,), (b, NUM_PARAMS), (b,), (b, self.suppress))
+
+
+def make_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, S] positions -> [B, S, K] bool: token at position p attends cache positions <= p."""
+    j = torch.arange(kv_len, device=positions.device)
+    return j[None, None, :] <= positions[:, :, None]
+
+
+def example_inputs(spec: GraphSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Valid dummy inputs of the graph's signature (export, compile warm-up)."""
+    b, s, k = spec.batch, spec.seq, spec.kv_len
+    ids = torch.zeros(b, s, dtype=torch.int64, device=device)
+    pos = torch.arange(s, device=device).expand(b, s).contiguous()
+    params = torch.zeros(b, NUM_PARAMS, device=device)
+    params[:, 2] = 1.0  # top_p
+    params[:, 4] = 1.0  # repetition_penalty
+    return (
+        ids,
+        pos,
+        torch.arange(b, dtype=torch.int64, device=device),
+        make_mask(pos, k),
+        torch.full((b,), s - 1, dtype=torch.int64, device=device),
+        params,
+        torch.zeros(b, device=device),
+        torch.full((b, spec.suppress), -1, dtype=torch.int64, device=device),
+    )
+
+
+class StepGraph(nn.Module):
+    """One static-shape graph over a shared model, KV cache and token counts."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        cache: KVCache,
+        counts: TokenCounts,
+        spec: GraphSpec,
+        num_candidates: int,
+        num_top: int,
+        return_logits: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model, self.cache, self.counts, self.spec = model, cache, counts, spec
+        self.num_candidates, self.num_top, self.return_logits = num_candidates, num_top, return_logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        last_idx: torch.Tensor,
+        params: torch.Tensor,
+        uniforms: torch.Tensor,
+        suppress_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        gather = self.spec.kind == CONTEXT
+        logits = m(input_ids, positions, slots, mask, last_idx, self.cache, gather)  # [B, V_r]
+        valid = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= last_idx[:, None]
+        counts = self.counts.update(slots, input_ids, positions, valid, m.vocab_offset())
+        out = sample(
+            logits,
+            params,
+            uniforms,
+            counts,
+            suppress_ids,
+            m.vocab_offset(),
+            m.comm,
+            self.num_candidates,
+            self.num_top,
+        )
+        res = (out.tokens, out.logprob, out.top_ids, out.top_logprobs)
+        if self.return_logits:  # debugging / parity tests: the full, unpadded vocab
+            res = (*res, m.comm.all_gather(logits, -1)[:, : m.arch.vocab_size])
+        return res
+
+
+def graph_set(
+    max_batch: int,
+    max_seq_len: int,
+    context_buckets: tuple[int, ...],
+    kv_buckets: tuple[int, ...],
+    suppress: int = 1,
+) -> list[GraphSpec]:
+    """Every graph the engine can call: ctx (S, K) for each chunk a prompt can be split into, and
+    tkg per KV bucket."""
+    specs: set[GraphSpec] = set()
+    largest = max(context_buckets)
+    for start in range(0, max_seq_len, largest):
+        for s in context_buckets:
+            if start + s <= max_seq_len:
+                specs.add(GraphSpec(CONTEXT, 1, s, kv_bucket(kv_buckets, start + s), suppress))
+    for k in kv_buckets:
+        specs.add(GraphSpec(DECODE, max_batch, 1, k, suppress))
+    return sorted(specs)
+
+
+def kv_bucket(kv_buckets: tuple[int, ...], needed: int) -> int:
+    for k in kv_buckets:
+        if k >= needed:
+            return k
+    raise ValueError(f"no KV bucket holds {needed} positions (largest {kv_buckets[-1]})")
+
+
+def context_bucket(context_buckets: tuple[int, ...], n: int) -> int:
+    for s in context_buckets:
+        if s >= n:
+            return s
+    return context_buckets[-1]

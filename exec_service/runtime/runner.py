@@ -1,0 +1,135 @@
+"""One rank's runtime: the model with its shard loaded, the KV cache, the token counts and the step
+graphs for every static shape, run through a backend. The engine (rank 0) and TP workers (ranks > 0)
+each own one ``Runner`` and call ``run`` with identical inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from exec_service.model.collectives import SINGLE, Collectives
+from exec_service.model.decoder import DecoderModel
+from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
+from exec_service.runtime.backends import GraphFn, get_backend
+from exec_service.runtime.graphs import GraphSpec, StepGraph, graph_set
+from exec_service.runtime.kv_cache import KVCache
+from exec_service.runtime.sampling import TokenCounts
+from shared.families.base import Architecture
+from shared.layout import Target
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return (*out, hi)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Serving shapes. ``kv_buckets`` empty = powers of two from the smallest context bucket up to
+    ``max_seq_len`` (which is always the last KV bucket)."""
+
+    max_batch_size: int = 4
+    max_seq_len: int = 256
+    context_buckets: tuple[int, ...] = (16, 64)
+    kv_buckets: tuple[int, ...] = field(default=())
+    backend: str = "cpu"
+    compile: bool = False
+    num_candidates: int = 256  # per-rank / merged sampling candidates (see sampling.py)
+    num_top_logprobs: int = 20  # the most top alternatives a request can ask for
+    return_logits: bool = False  # also return full logits per step (parity tests; costs a gather)
+    # per-row token ids masked out of sampling (EOS and stop ids while below min_new_tokens)
+    max_suppressed_ids: int = 72
+
+    def __post_init__(self) -> None:
+        ctx = tuple(sorted(set(self.context_buckets)))
+        if not ctx or ctx[0] < 2:
+            raise ValueError(f"context buckets must be >= 2 (a [1, 1] prefill would look like decode): {ctx}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if ctx[-1] > self.max_seq_len or self.max_seq_len % ctx[-1] != 0:
+            raise ValueError(
+                f"max_seq_len ({self.max_seq_len}) must be a multiple of the largest context bucket "
+                f"({ctx[-1]}) so that a padded prefill chunk never writes past the cache"
+            )
+        kv = tuple(sorted(set(self.kv_buckets))) or _pow2_buckets(ctx[0], self.max_seq_len)
+        if kv[-1] != self.max_seq_len:
+            raise ValueError(f"the largest KV bucket must equal max_seq_len ({self.max_seq_len}): {kv}")
+        if self.num_candidates < 1 or self.num_top_logprobs < 1 or self.max_suppressed_ids < 1:
+            raise ValueError("num_candidates, num_top_logprobs and max_suppressed_ids must be >= 1")
+        object.__setattr__(self, "context_buckets", ctx)
+        object.__setattr__(self, "kv_buckets", kv)
+
+    def graph_specs(self) -> list[GraphSpec]:
+        return graph_set(
+            self.max_batch_size,
+            self.max_seq_len,
+            self.context_buckets,
+            self.kv_buckets,
+            self.max_suppressed_ids,
+        )
+
+
+class Runner:
+    def __init__(
+        self,
+        arch: Architecture,
+        target: Target,
+        state: Mapping[str, torch.Tensor],
+        config: RuntimeConfig,
+        comm: Collectives = SINGLE,
+        rank: int = 0,
+    ) -> None:
+        """``state``: this rank's shard (canonical names + ``rank``); ``rank`` is what the caller
+        expects it to be (a shard of another rank is refused)."""
+        self.arch, self.target, self.config = arch, target, config
+        if "rank" in state and state["rank"].numel() == 1 and int(state["rank"].reshape(-1)[0]) != rank:
+            raise ShardLoadError(f"the shard loaded for rank {rank} holds rank {int(state['rank'].reshape(-1)[0])}")
+        self.backend = get_backend(config.backend, config.compile)
+        device = self.backend.device
+        dtype = torch_dtype(target.dtype)
+        model = DecoderModel(arch, target, dtype, comm)
+        load_strict(model, state, what=f"rank {rank} shard")
+        self.model = model.to(device).eval()
+        self.cache = KVCache(
+            arch.num_layers,
+            config.max_batch_size,
+            target.kv_heads_per_rank,
+            config.max_seq_len,
+            arch.head_dim,
+            dtype,
+            device,
+        )
+        self.counts = TokenCounts(config.max_batch_size, target.vocab_per_rank, device)
+        self.device = device
+        self.graphs = {
+            spec: StepGraph(
+                self.model,
+                self.cache,
+                self.counts,
+                spec,
+                config.num_candidates,
+                config.num_top_logprobs,
+                config.return_logits,
+            )
+            for spec in config.graph_specs()
+        }
+        self._fns: dict[GraphSpec, GraphFn] = {}
+
+    def fn(self, spec: GraphSpec) -> GraphFn:
+        if spec not in self.graphs:
+            raise KeyError(f"no graph {spec.name} in this runtime's graph set")
+        if spec not in self._fns:
+            self._fns[spec] = self.backend.prepare(self.graphs[spec])
+        return self._fns[spec]
+
+    @torch.no_grad()
+    def run(self, spec: GraphSpec, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        shapes = tuple(tuple(t.shape) for t in inputs)
+        if shapes != spec.input_shapes():
+            raise ValueError(f"graph {spec.name}: input shapes {shapes} != {spec.input_shapes()}")
+        return self.fn(spec)(*(t.to(self.device) for t in inputs))

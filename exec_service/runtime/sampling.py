@@ -1,0 +1,168 @@
+"""On-device sampling: pure tensor code inside the step graph (DESIGN §5).
+
+Per row, from a params tensor ``[B, NUM_PARAMS]`` (columns ``PARAM_FIELDS``) and a uniform draw
+``[B]`` made on the host from the request's own seeded generator (so a row's token never depends on
+what else is batched). Order, as transformers' logits processors apply it: penalties (over the
+per-slot counts of prompt + fed-back generated tokens) -> temperature -> top-k -> top-p -> min-p,
+then inverse-CDF over the sorted candidates (no ``torch.multinomial``: it cannot be traced on Neuron).
+
+Candidates: each rank takes the top ``num_candidates`` of its vocab shard (values + global ids from
+the rank tensor), the ranks all-gather and merge, so every rank picks the same token. Sampling is
+therefore restricted to the global top ``num_candidates`` tokens; probabilities for top-p / min-p are
+normalised over the full vocabulary (a global logsumexp), so top-p is exact whenever the nucleus fits
+in the candidates. Temperature 0 = greedy (the best candidate).
+
+Logprobs are of the model's raw distribution (after ``logits_scaling``, before penalties and
+temperature): the chosen token's, and the global top ``num_top`` (merged the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from exec_service.model.collectives import Collectives
+
+PARAM_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+NUM_PARAMS = len(PARAM_FIELDS)
+NEUTRAL_PARAMS = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)  # greedy, no filtering, no penalties
+
+
+class TokenCounts(nn.Module):
+    """Per-slot occurrence counts of this rank's vocab shard: float32 [max_batch, V_r] (graph state)."""
+
+    def __init__(self, max_batch: int, vocab_per_rank: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.vocab_per_rank = vocab_per_rank
+        self.register_buffer(
+            "counts", torch.zeros(max_batch, vocab_per_rank, device=device), persistent=False
+        )
+
+    def update(
+        self,
+        slots: torch.Tensor,  # [B]
+        input_ids: torch.Tensor,  # [B, S]
+        positions: torch.Tensor,  # [B, S]
+        valid: torch.Tensor,  # [B, S] bool: real (not padding) tokens
+        vocab_offset: torch.Tensor,  # [1] int64
+    ) -> torch.Tensor:
+        """Add the fed tokens to their slots' counts (a row whose first position is 0 starts afresh);
+        returns the updated rows [B, V_r]."""
+        keep = (positions[:, :1] != 0).to(self.counts.dtype)  # [B, 1]
+        rows = self.counts.index_select(0, slots) * keep
+        local = input_ids - vocab_offset
+        inside = valid & (local >= 0) & (local < self.vocab_per_rank)
+        local = torch.where(inside, local, torch.zeros_like(local))
+        rows = rows.scatter_add(1, local, inside.to(rows.dtype))
+        self.counts.index_copy_(0, slots, rows)
+        return rows
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    tokens: torch.Tensor  # [B] int64 global ids
+    logprob: torch.Tensor  # [B] float32 raw logprob of the chosen token
+    top_ids: torch.Tensor  # [B, n] int64
+    top_logprobs: torch.Tensor  # [B, n] float32
+
+
+def suppressed_mask(
+    suppress_ids: torch.Tensor, vocab_offset: torch.Tensor, vocab_per_rank: int
+) -> torch.Tensor:
+    """[B, M] global ids (-1 = none) -> [B, V_r] bool over this rank's shard (a scatter: no [B, V, M])."""
+    local = suppress_ids - vocab_offset
+    inside = (local >= 0) & (local < vocab_per_rank)
+    local = torch.where(inside, local, torch.full_like(local, vocab_per_rank))  # a spill column
+    mask = torch.zeros(
+        suppress_ids.shape[0], vocab_per_rank + 1, dtype=torch.bool, device=suppress_ids.device
+    )
+    return mask.scatter(1, local, True)[:, :vocab_per_rank]
+
+
+def _global_lse(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+    """logsumexp over the full (sharded) vocab, [B, 1]."""
+    m = comm.all_reduce(x.amax(dim=-1, keepdim=True), "max")
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = comm.all_reduce(torch.exp(x - m).sum(dim=-1, keepdim=True))
+    return m + torch.log(s)
+
+
+def _merged_topk(
+    x: torch.Tensor, k: int, vocab_offset: torch.Tensor, comm: Collectives
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k over the sharded vocab: (values [B, k'], global ids [B, k']), sorted descending,
+    identical on every rank. k' = min(k, V_r * tp)."""
+    kl = min(k, x.shape[-1])
+    vals, idx = torch.topk(x, kl, dim=-1)
+    ids = idx + vocab_offset
+    if comm.tp == 1:
+        return vals, ids
+    vals, ids = comm.all_gather(vals, -1), comm.all_gather(ids, -1)
+    vals, order = torch.topk(vals, min(k, vals.shape[-1]), dim=-1)
+    return vals, ids.gather(-1, order)
+
+
+def sample(
+    logits: torch.Tensor,  # [B, V_r] float32, padded vocab = -inf
+    params: torch.Tensor,  # [B, NUM_PARAMS] float32
+    uniforms: torch.Tensor,  # [B] float32 in [0, 1)
+    counts: torch.Tensor,  # [B, V_r] occurrences of each token in the row's sequence so far
+    suppress_ids: torch.Tensor,  # [B, M] int64 global ids that must not be sampled (-1 = none)
+    vocab_offset: torch.Tensor,  # [1] int64
+    comm: Collectives,
+    num_candidates: int,
+    num_top: int,
+) -> SampleOutput:
+    temperature, top_k, top_p, min_p, rep, presence, frequency = params.unbind(-1)
+
+    # penalties, over the tokens seen so far in this sequence (prompt + generated)
+    seen = counts > 0
+    rep = rep[:, None]
+    x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    x = x - presence[:, None] * seen.to(x.dtype) - frequency[:, None] * counts
+    x = x.masked_fill(
+        suppressed_mask(suppress_ids, vocab_offset, x.shape[-1]), float("-inf")
+    )  # min_new_tokens
+    greedy = temperature <= 0  # [B]
+    x = x / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+
+    cand, cand_ids = _merged_topk(x, num_candidates, vocab_offset, comm)  # [B, C]
+    c = cand.shape[-1]
+    rank_pos = torch.arange(c, device=x.device)[None]  # [1, C]
+    # top-k (0 = off): renormalise over the kept candidates; otherwise over the full vocab
+    use_k = (top_k > 0) & (top_k < c)
+    keep = ~use_k[:, None] | (rank_pos < top_k[:, None])
+    cand = cand.masked_fill(~keep, float("-inf"))
+    lse_k = torch.logsumexp(cand, dim=-1, keepdim=True)
+    lse = torch.where(use_k[:, None], lse_k, _global_lse(x, comm))
+    probs = torch.exp(cand - lse)  # [B, C], sorted descending
+    # top-p: keep the smallest prefix whose mass reaches top_p (always the first)
+    before = torch.cumsum(probs, dim=-1) - probs
+    keep = keep & (before < top_p[:, None])
+    # min-p: relative to the most likely token
+    keep = keep & (probs >= min_p[:, None] * probs[:, :1])
+    w = probs * keep.to(probs.dtype)
+    cdf = torch.cumsum(w, dim=-1)
+    target = uniforms[:, None] * cdf[:, -1:]
+    pick = (cdf <= target).sum(dim=-1).clamp(max=c - 1)  # first index with cdf > u * total
+    pick = torch.where(greedy, torch.zeros_like(pick), pick)
+    tokens = cand_ids.gather(-1, pick[:, None])[:, 0]
+
+    # logprobs of the raw distribution
+    raw_lse = _global_lse(logits, comm)  # [B, 1]
+    local = tokens[:, None] - vocab_offset
+    inside = (local >= 0) & (local < logits.shape[-1])
+    chosen = logits.gather(-1, torch.where(inside, local, torch.zeros_like(local)))
+    chosen = comm.all_reduce(torch.where(inside, chosen, torch.zeros_like(chosen)))
+    top_vals, top_ids = _merged_topk(logits, num_top, vocab_offset, comm)
+    return SampleOutput(tokens, (chosen - raw_lse)[:, 0], top_ids, top_vals - raw_lse)

@@ -1,0 +1,228 @@
+"""Engine (tp = 1): greedy parity with transformers, continuous batching, abort, seeded sampling,
+logprobs, finish reasons, request validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exec_service.engine import (
+    Engine,
+    FinishReason,
+    Request,
+    RuntimeConfig,
+    SamplingParams,
+    StoppingCriteria,
+)
+from exec_service.testing import hf_greedy, hf_last_logits, source_from_hf, tiny_hf
+
+PROMPTS = [
+    [7, 3, 12],
+    [40, 41, 42, 43, 44, 45, 46, 47, 48],
+    list(range(5, 22)),
+    [(i * 37) % 97 + 3 for i in range(40)],
+]
+CONFIG = RuntimeConfig(max_batch_size=4, max_seq_len=128, context_buckets=(8, 16), return_logits=True)
+N = 48
+
+
+def greedy(n: int = N, **kw) -> Request:
+    return Request(kw.pop("prompt"), stopping=StoppingCriteria(max_new_tokens=n, ignore_eos=True), **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hf(seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> list[list[int]]:
+    return [hf_greedy(model, p, N) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    with Engine(source_from_hf(model), CONFIG) as eng:
+        yield eng
+
+
+def test_greedy_parity_batched(engine, reference) -> None:
+    # the 40-token prompt is longer than the largest context bucket (16): chunked prefill
+    res = engine.generate([greedy(prompt=p) for p in PROMPTS])
+    assert [toks for toks, _ in res.values()] == reference
+    assert all(why == FinishReason.LENGTH for _, why in res.values())
+    assert engine.free_slots == 4 and not engine.has_unfinished()
+
+
+def test_greedy_parity_one_at_a_time(engine, reference) -> None:
+    for p, ref in zip(PROMPTS, reference, strict=True):
+        ((toks, _),) = engine.generate([greedy(prompt=p)]).values()
+        assert toks == ref
+
+
+def test_first_step_logits_and_logprobs(engine, model) -> None:
+    for p in PROMPTS:
+        rid = engine.add_request(
+            Request(p, SamplingParams(logprobs=True, top_logprobs=5), StoppingCriteria(max_new_tokens=1))
+        )
+        (out,) = engine.step()
+        assert out.request_id == rid and out.finish_reason == FinishReason.LENGTH
+        ref = hf_last_logits(model, p)
+        torch.testing.assert_close(out.logits[0], ref, rtol=0, atol=1e-4)
+        lsm = torch.log_softmax(ref, -1)
+        (lp,) = out.logprobs
+        assert lp.token_id == int(ref.argmax())
+        assert abs(lp.logprob - float(lsm[lp.token_id])) < 1e-4
+        vals, ids = lsm.topk(5)
+        assert [t for t, _ in lp.top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), vals, rtol=0, atol=1e-4)
+
+
+def test_staggered_join_and_abort(engine, model, reference) -> None:
+    """A request joining while others decode gets the same tokens as alone; abort frees the slot."""
+    a = engine.add_request(greedy(prompt=PROMPTS[0]))
+    b = engine.add_request(greedy(prompt=PROMPTS[1], n=1000))  # would run to the context length
+    got: dict[str, list[int]] = {a: [], b: []}
+    for _ in range(5):
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+    c = engine.add_request(greedy(prompt=PROMPTS[2]))
+    d = engine.add_request(greedy(prompt=PROMPTS[3]))
+    got[c], got[d] = [], []
+    assert engine.abort(b) and not engine.abort("nope")
+    reasons = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+            if o.finish_reason is not None:
+                reasons[o.request_id] = o.finish_reason
+    assert got[a] == reference[0] and got[c] == reference[2] and got[d] == reference[3]
+    assert reasons[b] == FinishReason.ABORTED and reasons[a] == FinishReason.LENGTH
+    assert 5 <= len(got[b]) < 20 and got[b] == hf_greedy(model, PROMPTS[1], len(got[b]))
+    assert engine.free_slots == 4 and not engine.abort(b)
+
+
+def test_more_requests_than_slots_queue(engine, reference) -> None:
+    res = engine.generate([greedy(prompt=p) for p in PROMPTS + PROMPTS[:2]])
+    assert [t for t, _ in res.values()] == reference + reference[:2]
+
+
+def test_finish_reasons(engine, model) -> None:
+    ref = hf_greedy(model, PROMPTS[1], 20)
+    stop = ref[5]
+    first = ref.index(stop)
+    (r,) = engine.generate(
+        [
+            Request(
+                PROMPTS[1],
+                stopping=StoppingCriteria(max_new_tokens=20, stop_token_ids=(stop,), ignore_eos=True),
+            )
+        ]
+    ).values()
+    assert r == (ref[: first + 1], FinishReason.STOP_TOKEN)
+    eng_eos = ref[3]  # pretend this token is the model's EOS
+    engine.eos_token_ids = frozenset({eng_eos})
+    try:
+        (r,) = engine.generate([Request(PROMPTS[1], stopping=StoppingCriteria(max_new_tokens=20))]).values()
+        assert r == (ref[: ref.index(eng_eos) + 1], FinishReason.EOS)
+        (r,) = engine.generate([greedy(20, prompt=PROMPTS[1])]).values()  # ignore_eos
+        assert r == (ref, FinishReason.LENGTH)
+    finally:
+        engine.eos_token_ids = frozenset(engine.arch.eos_token_ids)
+
+
+def test_min_new_tokens(model) -> None:
+    ref = hf_greedy(model, PROMPTS[1], 20)
+    eos, stop = ref[2], ref[4]
+    with Engine(source_from_hf(model), CONFIG, eos_token_ids=(eos,)) as eng:  # EOS mask built in the graphs
+        crit = StoppingCriteria(max_new_tokens=20, min_new_tokens=6, stop_token_ids=(stop,))
+        ((toks, why),) = eng.generate([Request(PROMPTS[1], stopping=crit)]).values()
+    # neither EOS nor the stop token is sampled before 6 tokens (vLLM min_tokens semantics)
+    assert eos not in toks[:6] and stop not in toks[:6] and toks[:2] == ref[:2] and toks[2] != eos
+    assert len(toks) >= 6 and why in (FinishReason.EOS, FinishReason.STOP_TOKEN, FinishReason.LENGTH)
+    if why is not FinishReason.LENGTH:
+        assert toks[-1] in (eos, stop) and all(t not in (eos, stop) for t in toks[6:-1])
+
+
+def test_context_length_finish(engine, model) -> None:
+    prompt = PROMPTS[3]  # 40 tokens, max_seq_len 128: 88 new tokens fill the context
+    (r,) = engine.generate([greedy(1000, prompt=prompt)]).values()
+    assert r[1] == FinishReason.CONTEXT_LENGTH and len(r[0]) == 128 - len(prompt)
+    assert r[0] == hf_greedy(model, prompt, len(r[0]))
+
+
+def test_seeded_sampling_is_batch_invariant(engine) -> None:
+    sp = [
+        SamplingParams(temperature=0.9, top_p=0.95, seed=1234),
+        SamplingParams(temperature=1.2, top_k=20, min_p=0.02, repetition_penalty=1.3, seed=99),
+        SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.5, seed=7),
+    ]
+    alone = []
+    for s, p in zip(sp, PROMPTS, strict=False):
+        (r,) = engine.generate([Request(p, s, StoppingCriteria(max_new_tokens=24, ignore_eos=True))]).values()
+        alone.append(r[0])
+    # again, batched with each other and with unseeded noise requests that join at different times
+    ids = [
+        engine.add_request(
+            Request(PROMPTS[3], SamplingParams(temperature=1.0), StoppingCriteria(max_new_tokens=30))
+        )
+    ]
+    engine.step()
+    batch = engine.generate(
+        [
+            Request(p, s, StoppingCriteria(max_new_tokens=24, ignore_eos=True))
+            for s, p in zip(sp, PROMPTS, strict=False)
+        ]
+    )
+    assert [t for t, _ in batch.values()] == alone
+    while engine.has_unfinished():
+        engine.step()
+    assert ids
+    # sampling really samples: a different seed gives a different continuation
+    (other,) = engine.generate(
+        [
+            Request(
+                PROMPTS[0],
+                SamplingParams(temperature=0.9, top_p=0.95, seed=4321),
+                StoppingCriteria(max_new_tokens=24, ignore_eos=True),
+            )
+        ]
+    ).values()
+    assert other[0] != alone[0]
+
+
+def test_top_k1_equals_greedy(engine, reference) -> None:
+    (r,) = engine.generate(
+        [
+            Request(
+                PROMPTS[2],
+                SamplingParams(temperature=1.5, top_k=1),
+                StoppingCriteria(max_new_tokens=N, ignore_eos=True),
+            )
+        ]
+    ).values()
+    assert r[0] == reference[2]
+
+
+def test_request_validation(engine) -> None:
+    with pytest.raises(ValueError, match="at most 127"):
+        engine.add_request(Request([1] * 128))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request(Request([1, 101]))
+    with pytest.raises(ValueError, match="top_logprobs 21 > the configured maximum 20"):
+        engine.add_request(Request([1], SamplingParams(logprobs=True, top_logprobs=21)))
+    with pytest.raises(ValueError, match="prompt_token_ids is empty"):
+        Request([])
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        StoppingCriteria(max_new_tokens=0)
+    rid = engine.add_request(Request([1, 2], request_id="dup", stopping=StoppingCriteria(max_new_tokens=1)))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(Request([1, 2], request_id="dup"))
+    engine.generate([])
+    while engine.has_unfinished():
+        engine.step()
+    assert rid == "dup"

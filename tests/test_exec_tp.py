@@ -82,14 +82,17 @@ def test_tp2_greedy_parity_and_sampling_matches_tp1() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "heads,kv,strategy,padded",
-    [(8, 2, "convert_to_mha", 8), (9, 3, None, 10)],
-    ids=["8q2kv-mha", "9q3kv-mha-padded"],
+    [(8, 2, "convert_to_mha", 8), (9, 3, None, 10), (3, 1, None, 4)],
+    ids=["8q2kv-mha", "9q3kv-mha-padded", "3q1kv-replicate-padded"],
 )
 def test_tp2_gqa_layouts(heads: int, kv: int, strategy: str | None, padded: int) -> None:
     model = tiny_hf(seed=22, num_attention_heads=heads, num_key_value_heads=kv, hidden_size=8 * heads)
     src = source_from_hf(model, tp=2, gqa_strategy=strategy)
-    assert src.target.gqa_strategy == "convert_to_mha"
-    assert src.target.num_heads_padded == padded and src.target.kv_heads_per_rank == padded // 2
+    if kv == 1:  # MQA: the kv head is replicated to both ranks, q heads padded 3 -> 4, split 2 + 2
+        assert src.target.gqa_strategy == "replicate_to_tp_degree" and src.target.kv_heads_per_rank == 1
+    else:
+        assert src.target.gqa_strategy == "convert_to_mha" and src.target.kv_heads_per_rank == padded // 2
+    assert src.target.num_heads_padded == padded
     with Engine(src, CONFIG) as engine:
         check_greedy_parity(model, engine)
 

@@ -88,7 +88,9 @@ class Runner:
         expects it to be (a shard of another rank is refused)."""
         self.arch, self.target, self.config = arch, target, config
         if "rank" in state and state["rank"].numel() == 1 and int(state["rank"].reshape(-1)[0]) != rank:
-            raise ShardLoadError(f"the shard loaded for rank {rank} holds rank {int(state['rank'].reshape(-1)[0])}")
+            raise ShardLoadError(
+                f"the shard loaded for rank {rank} holds rank {int(state['rank'].reshape(-1)[0])}"
+            )
         self.backend = get_backend(config.backend, config.compile)
         device = self.backend.device
         dtype = torch_dtype(target.dtype)

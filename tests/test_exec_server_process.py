@@ -1,0 +1,155 @@
+"""`neuron-serve exec-server` as a real process: SIGTERM drain, and tp=2 worker ranks started and
+stopped by the server itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from prep_service.api import PrepareRequest
+from prep_service.convert import prepare
+from protos import exec_pb2, exec_pb2_grpc
+from tests.test_exec_server import _ids_req, make_served_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "neuronserve.exec.v1.ExecService"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(manifest_uri: str, port: int, grace: float = 30.0) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "neuron-serve"
+    cmd = [
+        str(exe),
+        "exec-server",
+        "--model",
+        manifest_uri,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        "2",
+        "--max-seq-len",
+        "256",
+        "--context-buckets",
+        "16,32",
+        "--grace-period",
+        str(grace),
+        "--log-level",
+        "INFO",
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy()
+    )
+
+
+async def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.3)
+    raise AssertionError("exec-server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[int, str]:
+    d = tmp_path_factory.mktemp("proc")
+    make_served_checkpoint(d / "ckpt", seed=9)
+    return {
+        tp: prepare(
+            PrepareRequest(source=str(d / "ckpt"), tp_degree=tp, output=f"file://{d}/store")
+        ).manifest_uri
+        for tp in (1, 2)
+    }
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(artifacts) -> None:
+    port = _free_port()
+    proc = _start(artifacts[1], port)
+    try:
+
+        async def main():
+            await _wait_ready(port, proc)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = exec_pb2_grpc.ExecServiceStub(ch)
+                health = health_pb2_grpc.HealthStub(ch)
+                call = stub.Generate(_ids_req([1, 2, 3], 200))
+                first = await call.read()
+                proc.send_signal(signal.SIGTERM)
+                # readiness turns NOT_SERVING and new calls are refused while the stream goes on
+                status = None
+                for _ in range(50):
+                    r = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+                    status = r.status
+                    if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                    await asyncio.sleep(0.05)
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Generate(_ids_req([4, 5], 3)).read()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                msgs = [first]
+                while (m := await call.read()) is not grpc.aio.EOF:
+                    msgs.append(m)
+                return msgs
+
+        msgs = asyncio.run(asyncio.wait_for(main(), 300))
+        assert msgs[-1].finish_reason == exec_pb2.LENGTH
+        assert sum(len(m.token_ids) for m in msgs) == 200  # the in-flight stream finished whole
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_tp2_server_starts_and_stops_its_worker_ranks(artifacts) -> None:
+    port = _free_port()
+    proc = _start(artifacts[2], port)
+    try:
+        asyncio.run(asyncio.wait_for(_wait_ready(port, proc), 300))
+        children = psutil.Process(proc.pid).children(recursive=True)
+        workers = [c for c in children if "python" in " ".join(c.cmdline()).lower()]
+        assert workers, "a tp=2 server runs its rank-1 worker as a child process"
+
+        async def gen():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = exec_pb2_grpc.ExecServiceStub(ch)
+                info = await stub.GetModelInfo(exec_pb2.GetModelInfoRequest())
+                msgs = [m async for m in stub.Generate(_ids_req([3, 1, 4, 1, 5], 8))]
+                return info, msgs
+
+        info, msgs = asyncio.run(asyncio.wait_for(gen(), 120))
+        assert info.tp_degree == 2 and sum(len(m.token_ids) for m in msgs) == 8
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"worker ranks left running: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

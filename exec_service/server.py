@@ -754,6 +754,7 @@ class ExecServer:
         self._grpc: grpc_util.GrpcServer | None = None
         self._metrics_httpd = None
         self._liveness_task: asyncio.Task | None = None
+        self.load_error: str | None = None
 
     @property
     def port(self) -> int:
@@ -785,7 +786,7 @@ class ExecServer:
 
     async def start(self) -> int:
         """Bind and answer health checks at once (NOT_SERVING), load + warm up, then SERVING."""
-        servicer_holder: dict[str, ExecServicer] = {}
+        servicer_holder: dict[str, Any] = {}
 
         def add(server: grpc.aio.Server) -> None:
             exec_pb2_grpc.add_ExecServiceServicer_to_server(_Deferred(servicer_holder), server)
@@ -798,8 +799,16 @@ class ExecServer:
             self.cfg.metrics_port, self.cfg.host, self.metrics.registry
         )
         log.info("exec server listening on %s; loading %s", self._grpc.address, self.cfg.manifest_uri)
-        artifact, engine = await asyncio.to_thread(self._load)
-        tokenizer = await asyncio.to_thread(artifact.load_tokenizer)
+        try:
+            artifact, engine = await asyncio.to_thread(self._load)
+            tokenizer = await asyncio.to_thread(artifact.load_tokenizer)
+        except Exception as e:  # whatever stops the load (corrupt shard, dead worker rank, bad config)
+            # A corrupt or missing artifact is never served: stay up with readiness NOT_SERVING (so
+            # the rollout stalls visibly) and answer UNAVAILABLE with the reason.
+            self.load_error = f"{type(e).__name__}: {e}"
+            servicer_holder["error"] = self.load_error
+            log.error("cannot serve %s: %s", self.cfg.manifest_uri, self.load_error)
+            return self._grpc.port
         self.loop = EngineLoop(engine, self.metrics)
         self.loop.start()
         limits = Limits(
@@ -863,13 +872,15 @@ class ExecServer:
 class _Deferred(exec_pb2_grpc.ExecServiceServicer):
     """Answers UNAVAILABLE while the model loads, then delegates to the real servicer."""
 
-    def __init__(self, holder: dict[str, ExecServicer]) -> None:
+    def __init__(self, holder: dict[str, Any]) -> None:
         self._h = holder
 
     async def _get(self, context) -> ExecServicer:
         s = self._h.get("s")
         if s is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            err = self._h.get("error")
+            msg = f"the model failed to load: {err}" if err else "the model is still loading"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, msg)
         return s
 
     async def Generate(self, request, context):

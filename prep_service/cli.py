@@ -94,6 +94,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds running operations get to finish on SIGTERM before they are cancelled (default 30)",
     )
     s.add_argument("--log-level", default="INFO", help="log level on stderr (default INFO)")
+    s.add_argument(
+        "--allow-output",
+        action="append",
+        default=[],
+        metavar="STORE_URI",
+        help="a further store URI prefix requests may publish to (repeatable; the --store is always allowed)",
+    )
+    s.add_argument(
+        "--source-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="local directories requests may read checkpoints from (repeatable; default: any — set this in production)",
+    )
     from shared.grpc_util import add_security_arguments
 
     add_security_arguments(s)
@@ -268,9 +282,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_prep_server(args: argparse.Namespace) -> int:
-    from prep_service.server import serve
+    from prep_service.server import AccessPolicy, serve
     from shared.grpc_util import ServerSecurity, setup_logging
     from shared.security import SecurityConfigError
+    from shared.storage import default_store_uri
 
     setup_logging(args.log_level)
     try:
@@ -291,6 +306,10 @@ def cmd_prep_server(args: argparse.Namespace) -> int:
                 metrics_port=args.metrics_port,
                 grace_s=args.grace_period,
                 security=security,
+                access=AccessPolicy(
+                    outputs=(args.store or default_store_uri(), *args.allow_output),
+                    source_roots=tuple(args.source_root) if args.source_root else None,
+                ),
             )
         )
     except KeyboardInterrupt:  # before the signal handlers were installed

@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
@@ -85,6 +86,55 @@ def request_from_proto(msg: prep_pb2.PrepareModelRequest, default_output: str | 
         allow_pickle=msg.allow_pickle,
         name=msg.name.strip() or None,
     )
+
+
+def _norm_uri(uri: str) -> str:
+    """A comparable form of a store URI; raises PrepError for one with '.' or '..' segments."""
+    if uri.startswith("s3://"):
+        parts = uri[len("s3://") :].rstrip("/").split("/")
+        if any(p in (".", "..") for p in parts) or not parts[0]:
+            raise PrepError(f"invalid S3 URI {uri!r} ('.'/'..' segments are not allowed)")
+        return "s3://" + "/".join(p for p in parts if p)
+    if "://" in uri and not uri.startswith("file://"):
+        raise PrepError(f"unsupported store URI scheme in {uri!r}")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    from urllib.parse import unquote
+
+    return "file://" + os.path.normpath(os.path.abspath(unquote(path)))
+
+
+def _within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessPolicy:
+    """What remote callers may read and write on this server's behalf.
+
+    ``outputs``: store URI prefixes a request may publish to (default: the server's store).
+    ``source_roots``: local directories a request's local/file:// source must lie under; ``None``
+    allows any local path (development only — set ``--source-root`` in production).
+    """
+
+    outputs: tuple[str, ...]
+    source_roots: tuple[str, ...] | None = None
+
+    def check(self, req: PrepareRequest) -> None:
+        """Raises PermissionError (-> PERMISSION_DENIED) or PrepError (-> INVALID_ARGUMENT)."""
+        out = _norm_uri(req.output) if req.output else None
+        if out is not None and not any(_within(out, _norm_uri(a)) for a in self.outputs):
+            raise PermissionError(f"output {req.output!r} is outside the stores this server may write to")
+        src = req.source
+        if src.startswith("s3://"):
+            _norm_uri(src)
+            return
+        looks_local = src.startswith(("file://", "/", ".", "~")) or (os.sep in src and os.path.exists(src))
+        if looks_local and self.source_roots is not None:
+            path = os.path.realpath(
+                os.path.expanduser(src[len("file://") :] if src.startswith("file://") else src)
+            )
+            if not any(_within("file://" + path, "file://" + os.path.realpath(r)) for r in self.source_roots):
+                raise PermissionError(f"source {src!r} is outside the directories this server may read")
 
 
 def _dedup_key(req: PrepareRequest) -> tuple:
@@ -197,10 +247,16 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         prepare: PrepareFn | None = None,
         max_finished_ops: int = 1000,
         metrics_registry=None,
+        access: AccessPolicy | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self._store_uri = store_uri  # None: the pipeline's default store
+        if access is None:
+            from shared.storage import default_store_uri
+
+            access = AccessPolicy(outputs=(store_uri or default_store_uri(),))
+        self._access = access
         self._prepare = prepare if prepare is not None else _default_prepare()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="prep-worker"
@@ -220,8 +276,11 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prep server is draining")
         try:
             req = request_from_proto(request, self._store_uri)
+            self._access.check(req)
         except PrepError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PermissionError as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
 
         if not req.force:
             existing = self._find_active(_dedup_key(req))
@@ -501,13 +560,16 @@ class PrepServer:
         grace_s: float = 30.0,
         prepare: PrepareFn | None = None,
         security: grpc_util.ServerSecurity | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.security = security
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
         self.grace_s = grace_s
-        self.servicer = PrepServicer(store_uri=store_uri, max_workers=max_workers, prepare=prepare)
+        self.servicer = PrepServicer(
+            store_uri=store_uri, max_workers=max_workers, prepare=prepare, access=access
+        )
         self._grpc: grpc_util.GrpcServer | None = None
         self._metrics_httpd = None
 
@@ -563,10 +625,12 @@ async def serve(
     metrics_port: int = 0,
     grace_s: float = 30.0,
     security: grpc_util.ServerSecurity | None = None,
+    access: AccessPolicy | None = None,
 ) -> None:
     """Runs the prep server until SIGTERM/SIGINT, then drains gracefully."""
     server = PrepServer(
         security=security,
+        access=access,
         store_uri=store_uri,
         host=host,
         port=port,

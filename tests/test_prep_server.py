@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from prep_service.api import PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
-from prep_service.server import SERVICE_NAME, PrepServer
+from prep_service.server import SERVICE_NAME, AccessPolicy, PrepServer
 from protos import prep_pb2, prep_pb2_grpc
 
 Op = prep_pb2.Operation
@@ -183,7 +183,8 @@ def test_request_fields_are_passed_through() -> None:
     fake = FakePrepare()
 
     async def body():
-        async with serving(fake) as (_server, stub, _ch):
+        access = AccessPolicy(outputs=("file:///srv/store", "s3://bucket"))
+        async with serving(fake, access=access) as (_server, stub, _ch):
             op = await stub.PrepareModel(
                 prep_pb2.PrepareModelRequest(
                     source=" ok/m ",
@@ -531,3 +532,44 @@ def test_port_in_use_is_an_error() -> None:
                 await other.start()
 
     run(body())
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "fragment"),
+    [
+        ({"output": "s3://other-bucket/x"}, grpc.StatusCode.PERMISSION_DENIED, "outside the stores"),
+        ({"output": "file:///srv/store/../../etc"}, grpc.StatusCode.PERMISSION_DENIED, "outside the stores"),
+        ({"output": "file:///srv/storeX"}, grpc.StatusCode.PERMISSION_DENIED, "outside the stores"),
+        ({"output": "s3://bucket/a/../b"}, grpc.StatusCode.INVALID_ARGUMENT, "'..' segments"),
+        ({"source": "/etc"}, grpc.StatusCode.PERMISSION_DENIED, "outside the directories"),
+        ({"source": "/srv/models/../../etc"}, grpc.StatusCode.PERMISSION_DENIED, "outside the directories"),
+        ({"source": "s3://b/../x"}, grpc.StatusCode.INVALID_ARGUMENT, "'..' segments"),
+    ],
+)
+def test_access_policy(fields: dict, code: grpc.StatusCode, fragment: str) -> None:
+    fake = FakePrepare()
+
+    async def body():
+        access = AccessPolicy(outputs=("file:///srv/store", "s3://bucket"), source_roots=("/srv/models",))
+        async with serving(fake, access=access) as (_server, stub, _ch):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.PrepareModel(req(**fields), timeout=RPC_TIMEOUT)
+            return e.value
+
+    err = run(body())
+    assert err.code() == code and fragment in err.details()
+    assert fake.calls == []
+
+
+def test_access_policy_allows_sub_prefixes_and_roots() -> None:
+    fake = FakePrepare()
+
+    async def body():
+        access = AccessPolicy(outputs=("file:///srv/store",), source_roots=("/",))
+        async with serving(fake, access=access) as (_server, stub, _ch):
+            op = await stub.PrepareModel(
+                req(source="/tmp", output="file:///srv/store/team-a"), timeout=RPC_TIMEOUT
+            )
+            return (await watch_all(stub, op.operation_id))[-1]
+
+    assert run(body()).state == Op.SUCCEEDED

@@ -43,6 +43,7 @@ from shared import grpc_util
 log = logging.getLogger("neuron_serve.exec")
 
 SERVICE_NAME = "neuronserve.exec.v1.ExecService"
+EXEC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # requests carry prompts, not tensors: larger ones are refused
 
 _FINISH = {
     FinishReason.EOS: exec_pb2.EOS,
@@ -63,7 +64,7 @@ class Limits:
     max_stop_token_ids: int = 64
     max_top_logprobs: int = 20
     max_request_id_bytes: int = 128
-    max_message_bytes: int = grpc_util.DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = EXEC_MAX_MESSAGE_BYTES
     max_waiting_requests: int = 256
     max_waiting_prompt_tokens: int = 262_144
     max_chat_messages: int = 256
@@ -789,10 +790,17 @@ class ExecServer:
         servicer_holder: dict[str, Any] = {}
 
         def add(server: grpc.aio.Server) -> None:
-            exec_pb2_grpc.add_ExecServiceServicer_to_server(_Deferred(servicer_holder), server)
+            grpc_util.add_service(
+                server, _Deferred(servicer_holder), exec_pb2.DESCRIPTOR.services_by_name["ExecService"]
+            )
 
         self._grpc = grpc_util.create_server(
-            add, [SERVICE_NAME], host=self.cfg.host, port=self.cfg.port, security=self.cfg.security
+            add,
+            [SERVICE_NAME],
+            host=self.cfg.host,
+            port=self.cfg.port,
+            security=self.cfg.security,
+            max_message_bytes=EXEC_MAX_MESSAGE_BYTES,
         )
         await self._grpc.start(ready=False)
         self._metrics_httpd = grpc_util.start_metrics_server(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 GQA_STRATEGIES = ("replicate_to_tp_degree", "convert_to_mha")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one store path segment, never '..'
+MAX_SOURCE_BYTES = 4096
 
 
 class PrepError(Exception):
@@ -31,6 +34,12 @@ class PrepareRequest:
     def __post_init__(self) -> None:
         if not self.source or not self.source.strip():
             raise PrepError("source is empty")
+        if len(self.source.encode()) > MAX_SOURCE_BYTES or "\x00" in self.source:
+            raise PrepError(f"source must be at most {MAX_SOURCE_BYTES} bytes without NUL characters")
+        if self.name is not None and not NAME_PATTERN.match(self.name):
+            raise PrepError(f"name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if self.revision is not None and (len(self.revision) > 256 or not self.revision.isprintable()):
+            raise PrepError("revision must be at most 256 printable characters")
         if self.tp_degree < 1 or self.tp_degree > 128:
             raise PrepError(f"tp_degree must be in [1, 128], got {self.tp_degree}")
         if self.dtype not in DTYPES:

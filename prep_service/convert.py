@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from prep_service.api import PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
+from prep_service.api import NAME_PATTERN, PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
 from prep_service.sources import ResolvedSource, resolve_source
 from prep_service.st_io import (
     PlannedTensor,
@@ -44,7 +44,6 @@ log = logging.getLogger("neuron_serve.prep")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PIPELINE_VERSION = "prep-1"  # bump when the shard format or pipeline changes what is written
 _HASH_CHUNK = 8 * 1024 * 1024
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class _Reporter:
@@ -327,8 +326,8 @@ def _prepare(
     identity = src.identity or [(f["path"], f["sha256"]) for f in source_files]
     key = artifact_key(identity, family, target)
     name = req.name or src.name
-    if not _NAME.match(name):
-        raise PrepError(f"model name {name!r} must match {_NAME.pattern}")
+    if not NAME_PATTERN.match(name):
+        raise PrepError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
     prefix = f"models/{name}/{key}"
     manifest_key = f"{prefix}/{MANIFEST_NAME}"
     manifest_uri = store.uri_for(manifest_key)

@@ -582,7 +582,9 @@ class PrepServer:
     async def start(self) -> int:
         self.servicer._bind_loop()
         self._grpc = grpc_util.create_server(
-            lambda s: prep_pb2_grpc.add_PrepServiceServicer_to_server(self.servicer, s),
+            lambda s: grpc_util.add_service(
+                s, self.servicer, prep_pb2.DESCRIPTOR.services_by_name["PrepService"]
+            ),
             [SERVICE_NAME],
             host=self.host,
             port=self.port,

@@ -341,3 +341,59 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. a string field with bad UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+    """Registers ``servicer`` for ``service`` (a ServiceDescriptor) like the generated
+    ``add_*Servicer_to_server``, except that a request that cannot be decoded is answered
+    INVALID_ARGUMENT (grpc's own deserializer failure gives UNKNOWN)."""
+    from google.protobuf import message_factory
+    from google.protobuf.message import DecodeError
+
+    handlers = {}
+    for method in service.methods:
+        req_cls = message_factory.GetMessageClass(method.input_type)
+        resp_cls = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+
+        def parse(data: bytes, cls=req_cls):
+            try:
+                return cls.FromString(data)
+            except DecodeError as e:
+                return _Undecodable(e)
+
+        if method.client_streaming:
+            raise NotImplementedError("client-streaming methods are not used by this project")
+        if method.server_streaming:
+
+            async def stream(request, context, fn=behaviour):
+                if isinstance(request, _Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
+                    )
+                async for item in fn(request, context):
+                    yield item
+
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=parse, response_serializer=resp_cls.SerializeToString
+            )
+        else:
+
+            async def unary(request, context, fn=behaviour):
+                if isinstance(request, _Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
+                    )
+                return await fn(request, context)
+
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=parse, response_serializer=resp_cls.SerializeToString
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

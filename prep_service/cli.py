@@ -108,6 +108,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="local directories requests may read checkpoints from (repeatable; default: any — set this in production)",
     )
+    s.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="keep operations in memory only (default: journaled under operations/ in the store, so a "
+        "restarted server reports them truthfully)",
+    )
     from shared.grpc_util import add_security_arguments
 
     add_security_arguments(s)
@@ -310,6 +316,7 @@ def cmd_prep_server(args: argparse.Namespace) -> int:
                     outputs=(args.store or default_store_uri(), *args.allow_output),
                     source_roots=tuple(args.source_root) if args.source_root else None,
                 ),
+                journal=not args.no_journal,
             )
         )
     except KeyboardInterrupt:  # before the signal handlers were installed

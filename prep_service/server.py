@@ -171,6 +171,27 @@ class _Operation:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @classmethod
+    def restore(cls, msg: prep_pb2.Operation) -> _Operation:
+        """An operation from the journal of an earlier server process."""
+        try:
+            req = request_from_proto(msg.request, None)
+        except PrepError:
+            req = PrepareRequest(source="(unreadable request)")
+        op = cls(req, msg.request)
+        op.id = msg.operation_id
+        op.state = msg.state
+        p = msg.progress
+        op.progress = Progress(p.stage, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total)
+        op.manifest_uri, op.error, op.artifact_key, op.reused = (
+            msg.manifest_uri,
+            msg.error,
+            msg.artifact_key,
+            msg.reused,
+        )
+        op.created, op.updated = msg.created_unix, msg.updated_unix
+        return op
+
     def to_proto(self) -> prep_pb2.Operation:
         with self.lock:
             p = self.progress
@@ -192,6 +213,45 @@ class _Operation:
                 created_unix=self.created,
                 updated_unix=self.updated,
             )
+
+
+class OperationJournal:
+    """Operations persisted in the store (``operations/{id}.json``), so that a restarted server
+    still answers Get/List truthfully: what finished keeps its result, and what was running when
+    the process died is reported FAILED as lost (never left RUNNING forever)."""
+
+    PREFIX = "operations/"
+
+    def __init__(self, store_uri: str | None) -> None:
+        from shared.storage import open_store
+
+        self._store = open_store(store_uri)
+
+    def save(self, op: _Operation) -> None:
+        from google.protobuf import json_format
+
+        try:
+            self._store.put_bytes(
+                f"{self.PREFIX}{op.id}.json", json_format.MessageToJson(op.to_proto()).encode()
+            )
+        except Exception:  # the journal must never fail an operation
+            log.warning("could not journal operation %s", op.id, exc_info=True)
+
+    def load(self) -> list[prep_pb2.Operation]:
+        from google.protobuf import json_format
+
+        out = []
+        try:
+            objects = self._store.list(self.PREFIX)
+        except Exception:
+            log.warning("could not read the operations journal", exc_info=True)
+            return out
+        for obj in objects:
+            try:
+                out.append(json_format.Parse(self._store.get_bytes(obj.key), prep_pb2.Operation()))
+            except Exception:
+                log.warning("skipping unreadable journal entry %s", obj.key)
+        return out
 
 
 class PrepMetrics:
@@ -248,6 +308,7 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         max_finished_ops: int = 1000,
         metrics_registry=None,
         access: AccessPolicy | None = None,
+        journal: OperationJournal | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
@@ -257,6 +318,7 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
 
             access = AccessPolicy(outputs=(store_uri or default_store_uri(),))
         self._access = access
+        self._journal = journal
         self._prepare = prepare if prepare is not None else _default_prepare()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="prep-worker"
@@ -267,6 +329,30 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self.metrics = PrepMetrics(self, metrics_registry)
+        if journal is not None:
+            self._recover()
+
+    def _recover(self) -> None:
+        """Load the journal of earlier processes; what they left unfinished is reported as lost."""
+        assert self._journal is not None
+        restored = sorted((_Operation.restore(m) for m in self._journal.load()), key=lambda o: o.created)
+        for op in restored:
+            if not op.terminal:
+                was = STATE_NAMES[op.state]
+                op.state, op.error = (
+                    FAILED,
+                    (
+                        f"lost: the prep server restarted while this operation was {was}; nothing was published "
+                        "by it — submit the same request again (a finished artifact is reused)"
+                    ),
+                )
+                op.progress = dataclasses.replace(op.progress, stage="lost")
+                op.updated = time.time()
+                self._journal.save(op)
+            op.done.set()
+            self._ops[op.id] = op
+        if restored:
+            log.info("restored %d operations from the journal", len(restored))
 
     # ----------------------------------------------------------------- RPCs
 
@@ -302,6 +388,8 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
             " force" if req.force else "",
         )
         snapshot = op.to_proto()  # before the worker can touch it: the answer says PENDING
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.save, op)
         op.future = self._executor.submit(self._run, op)
         return snapshot
 
@@ -353,6 +441,8 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         log.info("operation %s: cancelled before it started", op.id)
         if op.future is not None:
             op.future.cancel()
+        if self._journal is not None:
+            self._journal.save(op)
         self._notify(op)
 
     def _run(self, op: _Operation) -> None:
@@ -365,6 +455,8 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
             op.updated = time.time()
             op.started_mono = time.monotonic()
         log.info("operation %s: running", op.id)
+        if self._journal is not None:
+            self._journal.save(op)
         self._notify(op)
 
         try:
@@ -414,6 +506,8 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
             if op.terminal:
                 return
             self._finish_locked(op, state, **fields)
+        if self._journal is not None:
+            self._journal.save(op)
         self._notify(op)
 
     def _finish_locked(
@@ -561,6 +655,7 @@ class PrepServer:
         prepare: PrepareFn | None = None,
         security: grpc_util.ServerSecurity | None = None,
         access: AccessPolicy | None = None,
+        journal: bool = False,
     ) -> None:
         self.security = security
         self.host = host
@@ -568,7 +663,11 @@ class PrepServer:
         self.metrics_port = metrics_port
         self.grace_s = grace_s
         self.servicer = PrepServicer(
-            store_uri=store_uri, max_workers=max_workers, prepare=prepare, access=access
+            store_uri=store_uri,
+            max_workers=max_workers,
+            prepare=prepare,
+            access=access,
+            journal=OperationJournal(store_uri) if journal else None,
         )
         self._grpc: grpc_util.GrpcServer | None = None
         self._metrics_httpd = None
@@ -628,11 +727,13 @@ async def serve(
     grace_s: float = 30.0,
     security: grpc_util.ServerSecurity | None = None,
     access: AccessPolicy | None = None,
+    journal: bool = True,
 ) -> None:
     """Runs the prep server until SIGTERM/SIGINT, then drains gracefully."""
     server = PrepServer(
         security=security,
         access=access,
+        journal=journal,
         store_uri=store_uri,
         host=host,
         port=port,

@@ -279,6 +279,21 @@ def _load_config(root: Path) -> dict:
     return cfg
 
 
+def _already_uploaded(store: ObjectStore, key: str, entry: FileEntry) -> bool:
+    """A file an interrupted earlier run already published (the artifact key fixes the content,
+    so the same key with the same size and sha256 is the same file)."""
+    try:
+        info = store.stat(key)
+    except StoreError:
+        return False
+    if info is None or info.size != entry.size:
+        return False
+    if info.sha256 is None:
+        local = store.local_path(key)
+        return local is not None and sha256_file(local) == entry.sha256
+    return info.sha256 == entry.sha256
+
+
 def prepare(
     req: PrepareRequest,
     *,
@@ -377,7 +392,11 @@ def _prepare(
         rep.stage("uploading", bytes_total=sum(f.size for f in files))
         uploaded = True
         for f in files:
-            store.put_file(f"{prefix}/{f.path}", staging / f.path, sha256=f.sha256)
+            key = f"{prefix}/{f.path}"
+            if _already_uploaded(store, key, f):
+                log.info("%s is already in the store (same size and sha256): not uploaded again", key)
+            else:
+                store.put_file(key, staging / f.path, sha256=f.sha256)
             rep.advance(f.size, force=True)
 
         manifest = Manifest(

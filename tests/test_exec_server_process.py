@@ -153,3 +153,54 @@ def test_tp2_server_starts_and_stops_its_worker_ranks(artifacts) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_worker_rank_fails_streams_and_liveness(artifacts) -> None:
+    """A TP worker dies mid-generation: in-flight streams end with an error (no hang) and liveness
+    turns NOT_SERVING so that Kubernetes restarts the pod."""
+    port = _free_port()
+    proc = _start(artifacts[2], port)
+    try:
+        asyncio.run(asyncio.wait_for(_wait_ready(port, proc), 300))
+        workers = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "python" in " ".join(c.cmdline()).lower()
+        ]
+        assert workers
+
+        async def main():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = exec_pb2_grpc.ExecServiceStub(ch)
+                call = stub.Generate(_ids_req([1, 2, 3], 250))
+                await call.read()
+                for w in workers:
+                    w.kill()
+                t0 = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                failed_after = time.monotonic() - t0
+                health = health_pb2_grpc.HealthStub(ch)
+                for _ in range(100):
+                    r = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    if r.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                    await asyncio.sleep(0.1)
+                with pytest.raises(grpc.aio.AioRpcError) as later:
+                    await stub.Generate(_ids_req([1, 2], 2)).read()
+                return e.value.code(), failed_after, r.status, later.value.code()
+
+        code, failed_after, live, later = asyncio.run(asyncio.wait_for(main(), 180))
+        assert code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        assert failed_after < 60
+        assert live == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert later == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -69,6 +69,7 @@ class Engine:
         self.eos_token_ids = frozenset(self.arch.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.config = config
         self.tp = self.target.tp_degree
+        self._rope_switch_len = _longrope_switch_len(self.arch, config)
         self.executor = TPExecutor(source, config) if self.tp > 1 else LocalExecutor(source, config)
         self._waiting: deque[_Seq] = deque()
         self._running: dict[int, _Seq] = {}  # slot -> sequence
@@ -234,7 +235,8 @@ class Engine:
         return float(torch.rand((), generator=seq.generator))
 
     def _prefill(self, seq: _Seq, pending: _Pending) -> None:
-        prompt = seq.request.prompt_token_ids
+        """Encode the sequence so far (the prompt; for a longrope re-encode also what it generated)."""
+        prompt = [*seq.request.prompt_token_ids, *seq.generated]
         ctx, kv = self.config.context_buckets, self.config.kv_buckets
         start = 0
         while start < len(prompt):
@@ -260,13 +262,23 @@ class Engine:
         self._accept(seq, out, 0, pending)
 
     def _decode(self, pending: dict[str, _Pending]) -> list[_Seq]:
+        done = []
+        if self._rope_switch_len is not None:  # longrope: see _longrope_switch_len
+            for seq in list(self._running.values()):
+                if seq.total_len == self._rope_switch_len:
+                    self._prefill(seq, pending.setdefault(seq.request_id, _Pending()))
+                    if seq.finish is not None:
+                        done.append(seq)
+        running = {slot: seq for slot, seq in self._running.items() if seq.finish is None}
+        if not running:
+            return done
         b = self.config.max_batch_size
         ids = torch.zeros(b, 1, dtype=torch.int64)
         pos = torch.zeros(b, 1, dtype=torch.int64)  # unused slots: padding rows at position 0 of their slot
         params = torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
         uni = torch.zeros(b, dtype=torch.float32)
         sup = torch.full((b, self.config.max_suppressed_ids), -1, dtype=torch.int64)
-        for slot, seq in self._running.items():
+        for slot, seq in running.items():
             ids[slot, 0] = seq.generated[-1]
             pos[slot, 0] = seq.total_len - 1
             params[slot] = torch.tensor(seq.request.sampling.as_row())
@@ -288,8 +300,7 @@ class Engine:
                 sup,
             ),
         )
-        done = []
-        for slot, seq in list(self._running.items()):
+        for slot, seq in running.items():
             self._accept(seq, out, slot, pending.setdefault(seq.request_id, _Pending()))
             if seq.finish is not None:
                 done.append(seq)
@@ -330,3 +341,24 @@ class Engine:
 
 
 assert len(SamplingParams().as_row()) == NUM_PARAMS
+
+
+def _longrope_switch_len(arch, config: RuntimeConfig) -> int | None:
+    """longrope (Phi-3) picks short or long factors from the sequence length (decoder: per row,
+    position of the last real token + 1 > original_max_position_embeddings -> long). transformers'
+    generate re-encodes the whole sequence with the long factors when it first grows past that
+    length (Phi3ForCausalLM.prepare_inputs_for_generation drops the cache); so do we: a running
+    sequence whose length reaches original_max + 1 is prefilled again from position 0 (``_decode``).
+    Returns that length (None for other rope kinds). A prefill chunk must never end at or below
+    original_max while the sequence is longer, hence the bucket requirement."""
+    if arch.rope.kind != "longrope":
+        return None
+    orig = arch.rope.original_max_position_embeddings
+    largest = config.context_buckets[-1]
+    if largest <= orig and orig + 1 < config.max_seq_len:
+        raise ValueError(
+            f"longrope: the largest context bucket ({largest}) must exceed original_max_position_embeddings "
+            f"({orig}) when max_seq_len ({config.max_seq_len}) allows longer sequences, so that every "
+            "prefill chunk of a long sequence picks the long rope factors"
+        )
+    return orig + 1

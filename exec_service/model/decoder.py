@@ -17,6 +17,7 @@ from torch import nn
 
 from exec_service.model import rope as rope_mod
 from exec_service.model.collectives import SINGLE, Collectives
+from exec_service.model.moe import MoE
 from exec_service.model.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -91,6 +92,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
         self.scale = arch.attention_multiplier if arch.attention_multiplier is not None else self.d**-0.5
+        # NoPE layers (Llama4): no RoPE and no weightless L2 q/k norm; temperature tuning instead
+        self.use_rope = layer not in arch.nope_layers
+        if not self.use_rope and self.qk_norm == "l2":
+            self.qk_norm = "none"
+        self.temperature_tuning = arch.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = arch.floor_scale, arch.attn_scale
 
     def _norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qk_norm == "rms":
@@ -118,17 +125,24 @@ class Attention(nn.Module):
         v = v.view(b, s, kv, d).transpose(1, 2)
         if self.qk_norm_before_rope:
             q, k = self._norm(q, k)
-        q, k = rope_mod.apply(q, cos, sin), rope_mod.apply(k, cos, sin)
+        if self.use_rope:
+            q, k = rope_mod.apply(q, cos, sin), rope_mod.apply(k, cos, sin)
         if not self.qk_norm_before_rope:
             q, k = self._norm(q, k)
+        if self.temperature_tuning:  # q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 (fp32)
+            t = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * t[:, None, :, None]).to(q.dtype)  # [B, H_r, S, D] * [B, 1, S, 1]
         cache.write(self.layer, k, v, slots, positions)
         kc, vc = cache.read(self.layer, mask.shape[-1], slots if gather_slots else None)  # [B, KV_r, K, D]
-        qg = q.reshape(b, kv, self.group, s, d)  # q heads grouped by their kv head
-        scores = torch.matmul(qg, kc.unsqueeze(2).transpose(-1, -2)) * self.scale  # [B, KV_r, G, S, K]
+        g = self.group
+        # q heads grouped by their kv head as G*S rows of one matrix per kv head: a plain batched
+        # matmul against the cache view (broadcasting kc over G would copy the whole KV bucket)
+        qg = q.reshape(b, kv, g * s, d)
+        scores = torch.matmul(qg, kc.transpose(-1, -2)).view(b, kv, g, s, -1) * self.scale  # [B, KV_r, G, S, K]
         scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, vc.unsqueeze(2))  # [B, KV_r, G, S, D]
-        out = out.reshape(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+        out = torch.matmul(probs.view(b, kv, g * s, -1), vc)  # [B, KV_r, G*S, D]
+        out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
         return self.o(out)
 
 
@@ -153,13 +167,17 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.attn = Attention(arch, target, layer, dtype, comm)
         self.post_attn_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.mlp = MLP(arch, target, dtype, comm)
+        # MoE layers (per MoEConfig.moe_layers) hold ``moe``, the others a dense ``mlp``
+        self.mlp = None if arch.is_moe_layer(layer) else MLP(arch, target, dtype, comm)
+        self.moe = MoE(arch, target, dtype, comm) if arch.is_moe_layer(layer) else None
         self.residual_multiplier = arch.residual_multiplier
+        self.chunked = layer in arch.chunked_layers  # picks the chunked mask (see DecoderModel.masks)
 
     def forward(self, x, cos, sin, positions, slots, mask, cache, gather_slots: bool) -> torch.Tensor:
         a = self.attn(self.input_norm(x), cos, sin, positions, slots, mask, cache, gather_slots)
         x = x + (a * self.residual_multiplier if self.residual_multiplier != 1.0 else a)
-        m = self.mlp(self.post_attn_norm(x))
+        h = self.post_attn_norm(x)
+        m = self.mlp(h) if self.moe is None else self.moe(h)
         return x + (m * self.residual_multiplier if self.residual_multiplier != 1.0 else m)
 
 
@@ -201,6 +219,41 @@ class DecoderModel(nn.Module):
         self.register_buffer("rank", torch.zeros(1, dtype=torch.int32))
         freq = rope_mod.inv_freq(arch.rope, arch.head_dim, arch.max_position_embeddings)
         self.register_buffer("inv_freq", freq, persistent=False)
+        self.rope_scaling = rope_mod.attention_scaling(arch.rope, arch.max_position_embeddings)
+        self.longrope = arch.rope.kind == "longrope"
+        if self.longrope:  # both tables kept; each row picks by its sequence length (rope.py)
+            long = rope_mod.longrope_freqs(arch.rope, arch.head_dim)[1]
+            self.register_buffer("inv_freq_long", long, persistent=False)
+            self.rope_original_max = arch.rope.original_max_position_embeddings
+
+    def rotary(
+        self, positions: torch.Tensor, last_idx: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, S, R]. longrope: a row whose sequence length (position of its last real
+        token + 1) exceeds original_max_position_embeddings uses the long table, else the short one
+        (transformers' choice from max(position_ids) + 1, made per row by a tensor condition)."""
+        cos, sin = rope_mod.cos_sin(positions, self.inv_freq, dtype, self.rope_scaling)
+        if not self.longrope:
+            return cos, sin
+        cos_l, sin_l = rope_mod.cos_sin(positions, self.inv_freq_long, dtype, self.rope_scaling)
+        seq_len = positions.gather(1, last_idx.view(-1, 1)) + 1  # [B, 1]
+        long = (seq_len > self.rope_original_max).view(-1, 1, 1, 1)
+        return torch.where(long, cos_l, cos), torch.where(long, sin_l, sin)
+
+    def masks(self, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full, chunked) [B, S, K] bool from the causal ``mask``. Cache index j holds position j of
+        its slot, so key positions are arange(K). sliding_window: also j > pos - window (every
+        layer); attention_chunk_size C: also j // C == pos // C (on ``chunked_layers`` only)."""
+        j = torch.arange(mask.shape[-1], device=mask.device)[None, None]  # [1, 1, K]
+        pos = positions[:, :, None]  # [B, S, 1]
+        if self.arch.sliding_window is not None:
+            mask = mask & (j > pos - self.arch.sliding_window)
+        chunked = mask
+        if self.arch.attention_chunk_size is not None and self.arch.chunked_layers:
+            c = self.arch.attention_chunk_size
+            same_chunk = torch.div(j, c, rounding_mode="floor") == torch.div(pos, c, rounding_mode="floor")
+            chunked = mask & same_chunk
+        return mask, chunked
 
     def vocab_offset(self) -> torch.Tensor:
         """Global id of this rank's first vocab entry, int64 [1]."""
@@ -219,9 +272,11 @@ class DecoderModel(nn.Module):
         x = self.embed(input_ids, self.rank)  # [B, S, hidden]
         if self.arch.embedding_multiplier != 1.0:
             x = x * self.arch.embedding_multiplier
-        cos, sin = rope_mod.cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = self.rotary(positions, last_idx, x.dtype)
+        full, chunked = self.masks(positions, mask)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, slots, mask, cache, gather_slots)
+            m = chunked if layer.chunked else full
+            x = layer(x, cos, sin, positions, slots, m, cache, gather_slots)
         idx = last_idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
         x = self.norm(x.gather(1, idx)[:, 0])  # [B, hidden]
         w = self.embed.weight if self.arch.tie_word_embeddings else None

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,9 +53,15 @@ def _start(manifest_uri: str, port: int, grace: float = 30.0) -> subprocess.Pope
         "--log-level",
         "INFO",
     ]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy()
-    )
+    # Logs go to a file: a pipe nobody reads fills up and then blocks the server's logging.
+    log = tempfile.NamedTemporaryFile(prefix="exec-server-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    return proc
+
+
+def _log_tail(proc: subprocess.Popen, n: int = 4000) -> str:
+    return Path(proc.log_path).read_text(errors="replace")[-n:]  # type: ignore[attr-defined]
 
 
 async def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -62,7 +69,7 @@ async def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 240) -
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, _log_tail(proc)
             try:
                 r = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:

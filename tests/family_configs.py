@@ -83,18 +83,30 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 def make_family_model(family: str, seed: int = 0, **overrides: Any):
     """A tiny random fp32 HF model of ``family`` (eager attention, random norm weights/biases)."""
-    import torch
-    import transformers
+    from exec_service.testing import tiny_hf
 
     cfg_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra, **overrides})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return tiny_hf(seed, cls_name=model_cls, config_cls=cfg_cls, **{**BASE, **extra, **overrides})
+
+
+def save_llama4_multimodal(text_model, path) -> None:
+    """Wrap a tiny Llama4ForCausalLM as the language_model of a Llama4ForConditionalGeneration with
+    a tiny vision tower, and save it to ``path``."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    vision = dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vision_output_dim=16,
+        projector_input_dim=16,
+        projector_output_dim=64,
+        image_size=28,
+        patch_size=14,
+    )
+    full = Llama4ForConditionalGeneration(
+        Llama4Config(text_config=text_model.config.to_dict(), vision_config=vision)
+    )
+    full.language_model.load_state_dict(text_model.state_dict())
+    full.save_pretrained(path)

@@ -16,6 +16,7 @@ from exec_service.engine import Engine, RuntimeConfig
 from exec_service.model.loading import ManifestShards
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
+from tests.family_configs import save_llama4_multimodal
 from tests.family_exec import CASES, CONFIG, N_NEW, PROMPTS, FamilyCase, run_engine
 
 pytestmark = pytest.mark.timeout(600)
@@ -79,24 +80,10 @@ def test_llama4_from_conditional_generation_checkpoint(
 ) -> None:
     """The language_model part of a Llama4ForConditionalGeneration checkpoint serves exactly like
     the text-only Llama4ForCausalLM it was built from."""
-    from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     case = cases["llama4"]
     text = case.model
-    vc = dict(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vision_output_dim=16,
-        projector_input_dim=16,
-        projector_output_dim=64,
-        image_size=28,
-        patch_size=14,
-    )
-    full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vc))
-    full.language_model.load_state_dict(text.state_dict())
-    full.save_pretrained(tmp_path / "mm")
+    save_llama4_multimodal(text, tmp_path / "mm")
     res = prepare(
         PrepareRequest(source=str(tmp_path / "mm"), tp_degree=tp, output=f"file://{tmp_path}/store")
     )

@@ -13,7 +13,7 @@ from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from shared.layout import unshard
 from shared.manifest import Manifest, shard_path
-from tests.family_configs import FAMILIES, make_family_model
+from tests.family_configs import FAMILIES, make_family_model, save_llama4_multimodal
 from tests.helpers import canonical_from_hf, checkpoint_tensors, read_config
 
 
@@ -72,23 +72,9 @@ def test_qwen3_moe_layer_selection() -> None:
 def test_llama4_conditional_generation_checkpoint(tmp_path: Path) -> None:
     """The language_model part of a Llama4ForConditionalGeneration checkpoint prepares like the
     text-only one; the vision tower is ignored."""
-    from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     text = make_family_model("llama4")
-    vc = dict(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vision_output_dim=16,
-        projector_input_dim=16,
-        projector_output_dim=64,
-        image_size=28,
-        patch_size=14,
-    )
-    full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vc))
-    full.language_model.load_state_dict(text.state_dict())
-    full.save_pretrained(tmp_path / "mm")
+    save_llama4_multimodal(text, tmp_path / "mm")
     text.save_pretrained(tmp_path / "text")
     out = f"file://{tmp_path}/store"
     res = prepare(PrepareRequest(source=str(tmp_path / "mm"), output=out))

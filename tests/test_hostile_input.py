@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from exec_service.server import ServeConfig
@@ -21,6 +21,7 @@ from tests.test_exec_server import Served, make_served_checkpoint
 
 OK_OR_REJECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 SETTINGS = settings(
+    derandomize=True,  # the same examples on every CI run
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -222,6 +223,15 @@ def test_prepare_model_never_fails_badly_and_never_writes_outside(tmp_path: Path
 
                 @SETTINGS
                 @given(req=prepare_requests(src_root, store))
+                @example(
+                    req=prep_pb2.PrepareModelRequest(source=str(src_root / "ckpt"), tp_degree=1)
+                )  # valid
+                @example(req=prep_pb2.PrepareModelRequest(source="/etc", tp_degree=1))  # outside the roots
+                @example(
+                    req=prep_pb2.PrepareModelRequest(
+                        source=str(src_root / "ckpt"), tp_degree=1, name="../../x"
+                    )
+                )
                 def one(req):
                     async def call():
                         return await stub.PrepareModel(req, timeout=30)

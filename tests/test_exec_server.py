@@ -522,3 +522,31 @@ def test_end_to_end_prep_server_s3_exec_server(tmp_path: Path, s3_env: str, tp: 
         assert info.tp_degree == tp and info.manifest_uri == manifest_uri
     finally:
         s.close()
+
+
+def test_generate_cli_streams_to_the_terminal(served, tiny) -> None:
+    """`neuron-serve generate` prints the streamed text on stdout and a summary on stderr."""
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    model, _ = tiny
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    exe = Path(sys.executable).parent / "neuron-serve"
+    out = subprocess.run(
+        [str(exe), "generate", "--target", served.target, "Once upon a time", "--max-new-tokens", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    ref = hf_greedy(model, tok("Once upon a time")["input_ids"], 10, eos=2)
+    assert out.stdout == tok.decode(ref, skip_special_tokens=True) + "\n"
+    assert "generated tokens" in out.stderr
+    bad = subprocess.run(
+        [str(exe), "generate", "--target", served.target, "x", "--temperature", "nan"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr

@@ -30,6 +30,8 @@ class PrepareRequest:
     force: bool = False
     allow_pickle: bool = False
     name: str | None = None  # model name in the store; None = derived from the source
+    quantize: str | None = None  # None or "int8" (weight-only, per output channel)
+    quantize_lm_head: bool = False  # with quantize: also the LM head (default: model dtype)
 
     def __post_init__(self) -> None:
         if not self.source or not self.source.strip():
@@ -38,6 +40,10 @@ class PrepareRequest:
             raise PrepError(f"source must be at most {MAX_SOURCE_BYTES} bytes without NUL characters")
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise PrepError(f"name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if self.quantize is not None and self.quantize not in ("int8",):
+            raise PrepError(f"quantize must be 'int8' or unset, got {self.quantize!r}")
+        if self.quantize_lm_head and self.quantize is None:
+            raise PrepError("quantize_lm_head needs quantize")
         if self.revision is not None and (len(self.revision) > 256 or not self.revision.isprintable()):
             raise PrepError("revision must be at most 256 printable characters")
         if self.tp_degree < 1 or self.tp_degree > 128:

@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="allow .bin/.pt checkpoints (loaded with torch.load(weights_only=True))",
     )
     p.add_argument("--name", default=None, help="model name in the store (default: derived from SOURCE)")
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="weight-only int8 (per output channel) for the attention, MLP and expert weights",
+    )
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: also the LM head")
     p.add_argument("--log-level", default="WARNING", help="log level on stderr (default WARNING)")
     p.set_defaults(func=cmd_prepare)
 
@@ -207,6 +214,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             force=args.force,
             allow_pickle=args.allow_pickle,
             name=args.name,
+            quantize=args.quantize,
+            quantize_lm_head=args.quantize_lm_head,
         )
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,8 +35,9 @@ from prep_service.st_io import (
 )
 from shared.families import Family, ParamRule, UnsupportedModel, family_for_config
 from shared.families.base import Architecture
-from shared.layout import LayoutError, Target, canonical_shape, make_target, shard
+from shared.layout import SCALE_SUFFIX, LayoutError, Target, canonical_shape, make_target, shard
 from shared.manifest import HF_SIDE_FILES, MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, shard_path
+from shared.quantize import quantizable, quantize_int8
 from shared.storage import ObjectExists, ObjectStore, StoreError, open_store
 
 log = logging.getLogger("neuron_serve.prep")
@@ -204,6 +205,20 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
+def _converted(
+    rule: ParamRule, tensors: Mapping[str, torch.Tensor], target: Target
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The canonical tensor(s) of one rule in the target dtype: the tensor itself, or for a quantized
+    weight its int8 values and its ``_scale``."""
+    t = _cast(rule.build(tensors), DTYPES[target.dtype])
+    if target.quantization == "int8" and quantizable(rule.name, target.quantized_lm_head):
+        q, scale = quantize_int8(t)
+        yield rule.name, q
+        yield rule.name + SCALE_SUFFIX, scale
+    else:
+        yield rule.name, t
+
+
 def validate(
     ckpt: Checkpoint, family: Family, arch: Architecture, rules: list[ParamRule], target: Target
 ) -> list[list[PlannedTensor]]:
@@ -224,7 +239,6 @@ def validate(
                 f"unexpected tensor {key!r} in {ckpt.file_of(key).name}: not used by the {family.name} "
                 "converter (does config.json describe these weights?)"
             )
-    dtype = DTYPES[target.dtype]
     meta = _MetaView(ckpt)
     plans: list[list[PlannedTensor]] = [
         [PlannedTensor("rank", torch.int32, (1,))] for _ in range(target.tp_degree)
@@ -232,7 +246,7 @@ def validate(
     for rule in rules:
         srcs = ", ".join(f"{s} {list(ckpt.info(s)[1])}" for s in rule.sources)
         try:
-            t = _cast(rule.build(meta), dtype)
+            t = rule.build(meta)
         except RuntimeError as e:
             raise PrepError(f"{rule.name}: source tensors have incompatible shapes ({srcs}): {e}") from None
         want = canonical_shape(rule.name, arch)
@@ -240,8 +254,9 @@ def validate(
             raise PrepError(
                 f"{rule.name}: expected shape {list(want)} from config.json, got {list(t.shape)} from {srcs}"
             )
-        for r, part in enumerate(shard(rule.name, t, arch, target)):
-            plans[r].append(PlannedTensor(rule.name, part.dtype, tuple(part.shape)))
+        for name, c in _converted(rule, meta, target):
+            for r, part in enumerate(shard(name, c, arch, target)):
+                plans[r].append(PlannedTensor(name, part.dtype, tuple(part.shape)))
     return plans
 
 
@@ -324,7 +339,9 @@ def _prepare(
     try:
         family = family_for_config(cfg)
         arch = family.arch_from_hf(cfg)
-        target = make_target(arch, req.tp_degree, req.dtype, req.gqa_strategy)
+        target = make_target(
+            arch, req.tp_degree, req.dtype, req.gqa_strategy, req.quantize, req.quantize_lm_head
+        )
     except (UnsupportedModel, LayoutError) as e:
         raise PrepError(f"{src.root / 'config.json'}: {e}") from None
 
@@ -353,6 +370,10 @@ def _prepare(
         return PrepareResult(manifest_uri, key, True, json.loads(store.get_bytes(manifest_key)))
 
     rules = family.rules(arch)
+    if target.quantized_lm_head and arch.tie_word_embeddings:
+        # a quantized LM head is its own tensor; the (tied) embedding stays in the model dtype
+        embed = next(r for r in rules if r.name == "embed.weight")
+        rules.append(ParamRule("lm_head.weight", embed.sources, embed.combine))
     plans = validate(ckpt, family, arch, rules, target)
 
     staging = work / "artifact"
@@ -375,12 +396,11 @@ def _prepare(
         )
         for r, w in enumerate(writers):
             w.write("rank", torch.tensor([r], dtype=torch.int32))
-        dtype = DTYPES[target.dtype]
         for rule in rules:
-            t = _cast(rule.build(ckpt), dtype)
-            for r, part in enumerate(shard(rule.name, t, arch, target)):
-                writers[r].write(rule.name, part)
-            del t, part
+            for name, t in _converted(rule, ckpt, target):
+                for r, part in enumerate(shard(name, t, arch, target)):
+                    writers[r].write(name, part)
+                del t, part
             rep.advance(sum(ckpt.nbytes(s) for s in rule.sources), tensors=1)
         files: list[FileEntry] = []
         for r, w in enumerate(writers):

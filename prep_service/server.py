@@ -85,6 +85,8 @@ def request_from_proto(msg: prep_pb2.PrepareModelRequest, default_output: str | 
         force=msg.force,
         allow_pickle=msg.allow_pickle,
         name=msg.name.strip() or None,
+        quantize=msg.quantize.strip() or None,
+        quantize_lm_head=msg.quantize_lm_head,
     )
 
 

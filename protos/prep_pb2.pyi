@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrepareModelRequest(_message.Message):
-    __slots__ = ("source", "revision", "output", "tp_degree", "dtype", "gqa_strategy", "force", "allow_pickle", "name")
+    __slots__ = ("source", "revision", "output", "tp_degree", "dtype", "gqa_strategy", "force", "allow_pickle", "name", "quantize", "quantize_lm_head")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class PrepareModelRequest(_message.Message):
     FORCE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PICKLE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_LM_HEAD_FIELD_NUMBER: _ClassVar[int]
     source: str
     revision: str
     output: str
@@ -27,7 +29,9 @@ class PrepareModelRequest(_message.Message):
     force: bool
     allow_pickle: bool
     name: str
-    def __init__(self, source: _Optional[str] = ..., revision: _Optional[str] = ..., output: _Optional[str] = ..., tp_degree: _Optional[int] = ..., dtype: _Optional[str] = ..., gqa_strategy: _Optional[str] = ..., force: _Optional[bool] = ..., allow_pickle: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    quantize: str
+    quantize_lm_head: bool
+    def __init__(self, source: _Optional[str] = ..., revision: _Optional[str] = ..., output: _Optional[str] = ..., tp_degree: _Optional[int] = ..., dtype: _Optional[str] = ..., gqa_strategy: _Optional[str] = ..., force: _Optional[bool] = ..., allow_pickle: _Optional[bool] = ..., name: _Optional[str] = ..., quantize: _Optional[str] = ..., quantize_lm_head: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total")

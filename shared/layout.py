@@ -110,7 +110,8 @@ class Target:
     moe_intermediate_per_rank: int
     q_map: tuple[int, ...]
     kv_map: tuple[int, ...]
-    quantization: str | None = None
+    quantization: str | None = None  # None, or "int8": see shared/quantize.py
+    quantized_lm_head: bool = False
 
     @property
     def heads(self) -> HeadLayout:
@@ -134,7 +135,14 @@ def _divide(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
-def make_target(arch: Architecture, tp: int, dtype: str, gqa_strategy: str | None = None) -> Target:
+def make_target(
+    arch: Architecture,
+    tp: int,
+    dtype: str,
+    gqa_strategy: str | None = None,
+    quantization: str | None = None,
+    quantized_lm_head: bool = False,
+) -> Target:
     if tp < 1:
         raise LayoutError(f"tp must be >= 1, got {tp}")
     heads = plan_heads(arch.num_heads, arch.num_kv_heads, tp, gqa_strategy)
@@ -159,6 +167,8 @@ def make_target(arch: Architecture, tp: int, dtype: str, gqa_strategy: str | Non
         moe_intermediate_per_rank=moe_i,
         q_map=heads.q_map,
         kv_map=heads.kv_map,
+        quantization=quantization,
+        quantized_lm_head=quantized_lm_head and quantization is not None,
     )
 
 
@@ -200,7 +210,15 @@ PLAN: tuple[tuple[str, ShardSpec], ...] = (
 _COMPILED = tuple((re.compile(p), s) for p, s in PLAN)
 
 
+SCALE_SUFFIX = "_scale"  # per-output-channel scales of a quantized weight: "<weight name>_scale"
+
+
 def spec_for(name: str) -> ShardSpec:
+    if name.endswith(SCALE_SUFFIX):
+        # A weight's scales [..., out] follow its output rows: split with column-parallel rows,
+        # replicated where the weight is split on its input dim (row-parallel).
+        base = spec_for(name[: -len(SCALE_SUFFIX)])
+        return ShardSpec(REPLICATED) if base.kind in (O_PROJ, ROW) else base
     for pattern, spec in _COMPILED:
         if pattern.fullmatch(name):
             return spec

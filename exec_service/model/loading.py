@@ -89,6 +89,11 @@ class ManifestShards:
         store, key = split_uri(manifest_uri)
         self.manifest = Manifest.from_json(store.get_bytes(key))
         self.arch, self.target = self.manifest.architecture, self.manifest.target
+        if self.target.quantization is not None:
+            raise ShardLoadError(
+                f"{manifest_uri}: the artifact is quantized ({self.target.quantization}); this exec build "
+                "does not serve quantized artifacts yet — prepare the model without --quantize"
+            )
 
     def load(self, rank: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -9,6 +9,7 @@ write the manifest last with a conditional create.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -170,6 +171,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         except SafetensorsFormatError as e:
             raise PrepError(str(e)) from None
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._where  # Mapping's default would read the tensor
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -294,6 +298,23 @@ def _load_config(root: Path) -> dict:
     return cfg
 
 
+STAGING_PREFIX = ".tmp-staging-"
+STALE_STAGING_S = 24 * 3600
+
+
+def _sweep_stale_staging(root: Path) -> None:
+    """Remove staging directories that a killed preparation left in a local store over a day ago
+    (invisible to readers — ``.tmp-`` names are never keys — but they hold disk space)."""
+    now = time.time()
+    for d in root.glob(STAGING_PREFIX + "*"):
+        try:
+            if now - d.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("removed stale staging directory %s", d)
+        except OSError:
+            continue
+
+
 def _already_uploaded(store: ObjectStore, key: str, entry: FileEntry) -> bool:
     """A file an interrupted earlier run already published (the artifact key fixes the content,
     so the same key with the same size and sha256 is the same file)."""
@@ -349,34 +370,40 @@ def _prepare(
     side_files = [src.root / n for n in HF_SIDE_FILES if (src.root / n).is_file()]
     hashed = src.hashed_files or [*ckpt.files, *side_files]
 
-    rep.stage("hashing", bytes_total=sum(p.stat().st_size for p in hashed))
-    source_files = []
-    for p in hashed:
-        digest = sha256_file(p, on_bytes=lambda n: rep.advance(n))
-        rel = p.name if src.kind == "gguf" else str(p.relative_to(src.root))
-        source_files.append({"path": rel, "size": p.stat().st_size, "sha256": digest})
-    identity = src.identity or [(f["path"], f["sha256"]) for f in source_files]
-    key = artifact_key(identity, family, target)
-    name = req.name or src.name
-    if not NAME_PATTERN.match(name):
-        raise PrepError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
-    prefix = f"models/{name}/{key}"
-    manifest_key = f"{prefix}/{MANIFEST_NAME}"
-    manifest_uri = store.uri_for(manifest_key)
-
-    if not req.force and store.exists(manifest_key):
-        log.info("artifact %s exists; reusing", manifest_uri)
-        rep.stage("done")
-        return PrepareResult(manifest_uri, key, True, json.loads(store.get_bytes(manifest_key)))
-
     rules = family.rules(arch)
     if target.quantized_lm_head and arch.tie_word_embeddings:
         # a quantized LM head is its own tensor; the (tied) embedding stays in the model dtype
         embed = next(r for r in rules if r.name == "embed.weight")
         rules.append(ParamRule("lm_head.weight", embed.sources, embed.combine))
-    plans = validate(ckpt, family, arch, rules, target)
+    # Planning (meta tensors, Python-bound) runs while the source is hashed (C, releases the GIL).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
+        planned = pool.submit(validate, ckpt, family, arch, rules, target)
+        rep.stage("hashing", bytes_total=sum(p.stat().st_size for p in hashed))
+        source_files = []
+        for p in hashed:
+            digest = sha256_file(p, on_bytes=lambda n: rep.advance(n))
+            rel = p.name if src.kind == "gguf" else str(p.relative_to(src.root))
+            source_files.append({"path": rel, "size": p.stat().st_size, "sha256": digest})
+        identity = src.identity or [(f["path"], f["sha256"]) for f in source_files]
+        key = artifact_key(identity, family, target)
+        name = req.name or src.name
+        if not NAME_PATTERN.match(name):
+            raise PrepError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+        prefix = f"models/{name}/{key}"
+        manifest_key = f"{prefix}/{MANIFEST_NAME}"
+        manifest_uri = store.uri_for(manifest_key)
 
-    staging = work / "artifact"
+        if not req.force and store.exists(manifest_key):
+            log.info("artifact %s exists; reusing", manifest_uri)
+            rep.stage("done")
+            return PrepareResult(manifest_uri, key, True, json.loads(store.get_bytes(manifest_key)))
+        plans = planned.result()
+
+    # Staged next to the store when it is local (publishing is then a rename), else in ``work``.
+    staging_root = store.staging_root()
+    if staging_root is not None:
+        _sweep_stale_staging(staging_root)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_root or work))
     (staging / "shards").mkdir(parents=True)
     tp = target.tp_degree
     writers = [
@@ -416,7 +443,7 @@ def _prepare(
             if _already_uploaded(store, key, f):
                 log.info("%s is already in the store (same size and sha256): not uploaded again", key)
             else:
-                store.put_file(key, staging / f.path, sha256=f.sha256)
+                store.adopt_file(key, staging / f.path, sha256=f.sha256)
             rep.advance(f.size, force=True)
 
         manifest = Manifest(
@@ -441,10 +468,12 @@ def _prepare(
                 store.put_bytes(manifest_key, manifest.to_json())
                 reused = False
         rep.stage("done")
+        shutil.rmtree(staging, ignore_errors=True)
         return PrepareResult(manifest_uri, key, reused, json.loads(manifest.to_json()))
     except BaseException:
         for w in writers:
             w.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         if uploaded and not store.exists(manifest_key):
             try:
                 store.delete_prefix(prefix + "/")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +124,33 @@ class PlannedTensor:
         return n
 
 
+class _BackgroundSha256:
+    """sha256 on a helper thread (hashlib releases the GIL on large buffers), so hashing one tensor
+    overlaps reading and converting the next. At most one pending buffer: memory stays bounded."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self._t = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            self._h.update(item[1])
+
+    def update(self, keepalive: object, data: bytes | memoryview) -> None:
+        self._q.put((keepalive, data))  # keepalive: the tensor whose memory ``data`` views
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._t.join()
+        return self._h.hexdigest()
+
+    def abort(self) -> None:
+        if self._t.is_alive():
+            self._q.put(None)
+
+
 class StreamingWriter:
     """Writes a safetensors file whose tensors (names, shapes, dtypes, order) are known up front.
 
@@ -147,15 +176,15 @@ class StreamingWriter:
             off += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
-        self._sha = hashlib.sha256()
+        self._sha = _BackgroundSha256()
         self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.size = 0
-        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._emit(struct.pack("<Q", len(raw)) + raw, None)
         self._next = 0
 
-    def _emit(self, data: bytes | memoryview) -> None:
+    def _emit(self, data: bytes | memoryview, keepalive: object) -> None:
         self._f.write(data)
-        self._sha.update(data)
+        self._sha.update(keepalive, data)
         self.size += len(data)
 
     def write(self, name: str, t: torch.Tensor) -> None:
@@ -168,12 +197,13 @@ class StreamingWriter:
             )
         t = t.contiguous()
         if t.numel():
-            self._emit(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            self._emit(memoryview(t.view(torch.uint8).reshape(-1).numpy()), t)
         self._next += 1
 
     def close(self) -> str:
         """Finish the file; returns its sha256 hex. Raises if tensors are missing."""
         if self._next != len(self._plan):
+            self._sha.abort()
             self._f.close()
             missing = self._plan[self._next].name
             raise SafetensorsFormatError(f"{self.path}: closed before writing {missing!r}")
@@ -183,6 +213,7 @@ class StreamingWriter:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        self._sha.abort()
         if not self._f.closed:
             self._f.close()
 

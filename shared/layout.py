@@ -229,6 +229,8 @@ def _gather_heads(t: torch.Tensor, head_map: Sequence[int], head_dim: int, dim: 
     """Reorder/replicate/zero-pad heads along ``dim`` (size n_heads*head_dim) by ``head_map``."""
     shape = list(t.shape)
     n = shape[dim] // head_dim
+    if tuple(head_map) == tuple(range(n)):
+        return t  # plain split: nothing to move (the common case, and a full copy otherwise)
     heads = t.reshape([*shape[:dim], n, head_dim, *shape[dim + 1 :]])
     src = torch.tensor([max(i, 0) for i in head_map], dtype=torch.long, device=t.device)
     out = heads.index_select(dim, src)

@@ -161,14 +161,14 @@ _KILL_SCRIPT = textwrap.dedent(
     from prep_service.convert import prepare
     calls = []
     for cls in (st.FileStore, st.S3Store):
-        orig = cls.put_file
+        orig = cls.adopt_file
         def slow(self, key, path, *, sha256=None, _orig=orig):
             info = _orig(self, key, path, sha256=sha256)
             calls.append(key)
             print("UPLOADED", key, flush=True)
             time.sleep(60)  # the test kills us here, mid-upload
             return info
-        cls.put_file = slow
+        cls.adopt_file = slow
     prepare(PrepareRequest(source=sys.argv[1], tp_degree=2, output=sys.argv[2]))
     """
 )

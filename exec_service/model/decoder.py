@@ -134,6 +134,11 @@ class Attention(nn.Module):
             q = (q * t[:, None, :, None]).to(q.dtype)  # [B, H_r, S, D] * [B, 1, S, 1]
         cache.write(self.layer, k, v, slots, positions)
         kc, vc = cache.read(self.layer, mask.shape[-1], slots if gather_slots else None)  # [B, KV_r, K, D]
+        if s > 1:  # context encoding: SDPA's fused CPU kernel (no [.., S, K] scores/mask passes)
+            out = F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=mask[:, None], scale=self.scale, enable_gqa=self.group > 1
+            )  # [B, H_r, S, D]
+            return self.o(out.transpose(1, 2).reshape(b, s, h * d))
         g = self.group
         # q heads grouped by their kv head as G*S rows of one matrix per kv head: a plain batched
         # matmul against the cache view (broadcasting kc over G would copy the whole KV bucket)

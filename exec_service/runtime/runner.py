@@ -12,6 +12,7 @@ import torch
 from exec_service.model.collectives import SINGLE, Collectives
 from exec_service.model.decoder import DecoderModel
 from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
+from exec_service.model.parallel import pack_linears
 from exec_service.runtime.backends import GraphFn, get_backend
 from exec_service.runtime.graphs import GraphSpec, StepGraph, graph_set
 from exec_service.runtime.kv_cache import KVCache
@@ -44,6 +45,9 @@ class RuntimeConfig:
     return_logits: bool = False  # also return full logits per step (parity tests; costs a gather)
     # per-row token ids masked out of sampling (EOS and stop ids while below min_new_tokens)
     max_suppressed_ids: int = 72
+    # cpu linear kernels: "onednn" = fp32 weights prepacked for oneDNN (~1.5-2x MKL's GEMV/small
+    # GEMM here; eager only), "aten" = plain F.linear (MKL). Other dtypes/backends always use aten.
+    cpu_linear: str = "onednn"
 
     def __post_init__(self) -> None:
         ctx = tuple(sorted(set(self.context_buckets)))
@@ -59,6 +63,8 @@ class RuntimeConfig:
         kv = tuple(sorted(set(self.kv_buckets))) or _pow2_buckets(ctx[0], self.max_seq_len)
         if kv[-1] != self.max_seq_len:
             raise ValueError(f"the largest KV bucket must equal max_seq_len ({self.max_seq_len}): {kv}")
+        if self.cpu_linear not in ("onednn", "aten"):
+            raise ValueError(f"cpu_linear must be 'onednn' or 'aten', got {self.cpu_linear!r}")
         if self.num_candidates < 1 or self.num_top_logprobs < 1 or self.max_suppressed_ids < 1:
             raise ValueError("num_candidates, num_top_logprobs and max_suppressed_ids must be >= 1")
         object.__setattr__(self, "context_buckets", ctx)
@@ -97,6 +103,8 @@ class Runner:
         model = DecoderModel(arch, target, dtype, comm)
         load_strict(model, state, what=f"rank {rank} shard")
         self.model = model.to(device).eval()
+        if config.backend == "cpu" and not config.compile and config.cpu_linear == "onednn":
+            pack_linears(self.model, config.max_batch_size)
         self.cache = KVCache(
             arch.num_layers,
             config.max_batch_size,

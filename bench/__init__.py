@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (see docs/PERFORMANCE.md). Run one at a time: ``python -m bench.decode``."""

@@ -139,6 +139,20 @@ class ExecMetrics:
 
 
 @dataclass
+class _Stream:
+    """Per-stream bookkeeping for the final message and the latency metrics."""
+
+    rid: str
+    n_prompt: int
+    arrived: float
+    first_at: float | None = None
+    last_at: float | None = None
+    queue_ms: float = 0.0
+    generated: int = 0
+    seed: int = 0
+
+
+@dataclass
 class _Item:
     """What the engine loop hands to a stream: an output (with the step's start time) or an error."""
 
@@ -520,12 +534,8 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
 
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=prompt, skip_special_tokens=skip_special)
         stops = StopMatcher(stop_strings, include_stop_in_output=request.stopping.include_stop_in_output)
+        st = _Stream(rid, len(prompt), arrived)
         finished = False
-        first_at: float | None = None
-        last_at: float | None = None
-        queue_ms = 0.0
-        generated = 0
-        seed = 0
         try:
             while not finished:
                 timeout = None if time_limit is None else max(0.0, arrived + time_limit - time.monotonic())
@@ -535,20 +545,7 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
                     self.loop.abort(engine_req.request_id)  # frees the slot at the next step
                     text = stops.push(detok.flush()) + stops.flush()
                     finished = True
-                    yield self._final(
-                        rid,
-                        text,
-                        [],
-                        [],
-                        exec_pb2.TIME_LIMIT,
-                        "",
-                        len(prompt),
-                        generated,
-                        queue_ms,
-                        first_at,
-                        arrived,
-                        seed,
-                    )
+                    yield self._final(st, text, [], [], exec_pb2.TIME_LIMIT)
                     break
                 batch = [first]
                 while not items.empty():
@@ -571,20 +568,9 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
                         )
                     out = item.output
                     assert out is not None
-                    now = time.monotonic()
-                    if first_at is None and out.new_token_ids:
-                        first_at = now
-                        queue_ms = (item.step_started - arrived) * 1000
-                        self.metrics.ttft.observe(now - arrived)
-                        self.metrics.queue.observe(max(item.step_started - arrived, 0.0))
-                    elif out.new_token_ids and last_at is not None:
-                        self.metrics.itl.observe((now - last_at) / len(out.new_token_ids))
-                    if out.new_token_ids:
-                        last_at = now
-                    seed = out.seed
+                    self._observe(st, out, item.step_started)
                     new_ids.extend(out.new_token_ids)
                     lps.extend(self._logprobs(out))
-                    generated = out.num_generated_tokens
                     if out.finish_reason is not None:
                         finish = out.finish_reason
                         break
@@ -593,20 +579,7 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
                 if stops.matched is not None:
                     finished = True
                     self.loop.abort(engine_req.request_id)
-                    yield self._final(
-                        rid,
-                        text,
-                        new_ids,
-                        lps,
-                        exec_pb2.STOP_SEQUENCE,
-                        stops.matched,
-                        len(prompt),
-                        generated,
-                        queue_ms,
-                        first_at,
-                        arrived,
-                        seed,
-                    )
+                    yield self._final(st, text, new_ids, lps, exec_pb2.STOP_SEQUENCE, stops.matched)
                 elif finish is not None:
                     finished = True
                     text += stops.push(detok.flush()) + stops.flush()
@@ -614,20 +587,7 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
                         reason = exec_pb2.TIME_LIMIT
                     else:
                         reason = _FINISH[finish]
-                    yield self._final(
-                        rid,
-                        text,
-                        new_ids,
-                        lps,
-                        reason,
-                        "",
-                        len(prompt),
-                        generated,
-                        queue_ms,
-                        first_at,
-                        arrived,
-                        seed,
-                    )
+                    yield self._final(st, text, new_ids, lps, reason)
                 elif text or new_ids:
                     yield exec_pb2.GenerateResponse(
                         request_id=rid, text=text, token_ids=new_ids, logprobs=lps
@@ -636,33 +596,49 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
             if not finished:  # cancelled, deadline exceeded, or the client went away
                 self.loop.abort(engine_req.request_id)
                 self.metrics.finished.labels("cancelled").inc()
-                log.info("request %s: cancelled by the client after %d tokens", rid, generated)
+                log.info("request %s: cancelled by the client after %d tokens", rid, st.generated)
             self.metrics.e2e.observe(time.monotonic() - arrived)
             self.active -= 1
             if self.active == 0:
                 self._idle.set()
 
+    def _observe(self, st: _Stream, out: RequestOutput, step_started: float) -> None:
+        """Timing metrics and the stream's counters for one engine output."""
+        now = time.monotonic()
+        if out.new_token_ids:
+            if st.first_at is None:
+                st.first_at = now
+                st.queue_ms = (step_started - st.arrived) * 1000
+                self.metrics.ttft.observe(now - st.arrived)
+                self.metrics.queue.observe(max(step_started - st.arrived, 0.0))
+            elif st.last_at is not None:
+                self.metrics.itl.observe((now - st.last_at) / len(out.new_token_ids))
+            st.last_at = now
+        st.seed = out.seed
+        st.generated = out.num_generated_tokens
+
     def _final(
-        self, rid, text, ids, lps, reason, matched, n_prompt, n_gen, queue_ms, first_at, arrived, seed
-    ):
+        self, st: _Stream, text: str, ids, lps, reason: int, matched: str = ""
+    ) -> exec_pb2.GenerateResponse:
+        """The last message of a stream: finish reason, usage, timing."""
         now = time.monotonic()
         name = exec_pb2.FinishReason.Name(reason)
         self.metrics.finished.labels(name.lower()).inc()
-        log.info("request %s: finished (%s) after %d tokens", rid, name, n_gen)
+        log.info("request %s: finished (%s) after %d tokens", st.rid, name, st.generated)
         return exec_pb2.GenerateResponse(
-            request_id=rid,
+            request_id=st.rid,
             text=text,
             token_ids=ids,
             logprobs=lps,
             finish_reason=reason,
             matched_stop=matched,
-            usage=exec_pb2.Usage(prompt_tokens=n_prompt, completion_tokens=n_gen),
+            usage=exec_pb2.Usage(prompt_tokens=st.n_prompt, completion_tokens=st.generated),
             timing=exec_pb2.Timing(
-                queue_ms=queue_ms,
-                ttft_ms=((first_at or now) - arrived) * 1000,
-                total_ms=(now - arrived) * 1000,
+                queue_ms=st.queue_ms,
+                ttft_ms=((st.first_at or now) - st.arrived) * 1000,
+                total_ms=(now - st.arrived) * 1000,
             ),
-            seed=seed,
+            seed=st.seed,
         )
 
     async def Tokenize(self, request: exec_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):

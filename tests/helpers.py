@@ -8,16 +8,9 @@ from typing import Any
 
 import torch
 
-TINY_LLAMA: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=101,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-)
+from exec_service.testing import TINY
+
+TINY_LLAMA: dict[str, Any] = {**TINY, "max_position_embeddings": 256}
 
 
 def llama_config(**overrides: Any):

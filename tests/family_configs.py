@@ -6,15 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-BASE: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=101,
-    max_position_embeddings=512,
-)
+from exec_service.testing import TINY
+
+BASE: dict[str, Any] = dict(TINY)  # the exec tests' tiny Llama shape; families add their fields
 
 # family -> (config class, model class, overrides)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {

@@ -141,3 +141,17 @@ def prompt_ids(n: int, seed: int = 0) -> list[int]:
 
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1000, 20000, (n,), generator=g).tolist()
+
+
+def median_seconds(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` untimed ones."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)

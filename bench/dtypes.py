@@ -20,18 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import prompt_ids, record, smollm2_manifest, table
-
-
-def _timeit(fn, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from bench.common import median_seconds, prompt_ids, record, smollm2_manifest, table
 
 
 def kernels(model) -> list[dict]:
@@ -60,7 +49,7 @@ def kernels(model) -> list[dict]:
             ],
         }
         for name, fn in variants.items():
-            dt = _timeit(fn)
+            dt = median_seconds(fn)
             rows.append({"kernel": name, "batch": m, "linears_steps_s": 1 / dt})
     return rows
 

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import prompt_ids, record, smollm2_manifest, table
+from bench.common import median_seconds, prompt_ids, record, smollm2_manifest, table
 
 
 def bandwidth(mb: int = 1024, reps: int = 5) -> dict:
@@ -52,14 +52,7 @@ def linears_ceiling(model, reps: int = 20) -> dict:
             for w, p in zip(ws, packed, strict=True)
         ],
     }.items():
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        out[name] = 1 / statistics.median(ts)
+        out[name] = 1 / median_seconds(fn, reps, warmup=3)
     return out
 
 

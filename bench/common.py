@@ -115,13 +115,22 @@ def smollm2_gguf() -> Path:
     return find()
 
 
-def smollm2_manifest(dtype: str = "float32", tp: int = 1) -> str:
+def smollm2_manifest(
+    dtype: str = "float32", tp: int = 1, quantize: str | None = None, quantize_lm_head: bool = False
+) -> str:
     """Prepare (or reuse) the SmolLM2-135M-Instruct artifact in the bench store; returns its URI."""
     from prep_service.api import PrepareRequest
     from prep_service.convert import prepare
 
     res = prepare(
-        PrepareRequest(source=str(smollm2_gguf()), output=f"file://{STORE}", dtype=dtype, tp_degree=tp)
+        PrepareRequest(
+            source=str(smollm2_gguf()),
+            output=f"file://{STORE}",
+            dtype=dtype,
+            tp_degree=tp,
+            quantize=quantize,
+            quantize_lm_head=quantize_lm_head,
+        )
     )
     return res.manifest_uri
 

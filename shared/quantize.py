@@ -10,8 +10,13 @@ their rows' scales (``shared.layout.spec_for``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shared.layout import Target
 
 SCHEMES = ("int8",)
 
@@ -36,3 +41,18 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.to(torch.float32) * scale.to(torch.float32)[..., None]).to(dtype)
+
+
+def canonical_tensors(name: str, t: torch.Tensor, target: Target) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensor(s) of canonical parameter ``name`` (already in the target dtype): ``t``
+    itself, or for a weight the target quantizes its int8 values and ``<name>_scale``."""
+    from shared.layout import SCALE_SUFFIX
+
+    if target.quantization == "int8" and quantizable(name, target.quantized_lm_head):
+        q, scale = quantize_int8(t)
+        yield name, q
+        yield name + SCALE_SUFFIX, scale
+    elif target.quantization not in (None, "int8"):
+        raise ValueError(f"unknown quantization scheme {target.quantization!r} (have {', '.join(SCHEMES)})")
+    else:
+        yield name, t

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization at prepare time (the exec side does not serve it yet)."""
+"""Weight-only int8 quantization at prepare time (serving int8 artifacts: tests/test_quantize_exec.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exec_service.model.loading import ManifestShards, ShardLoadError
 from prep_service.api import PrepareRequest, PrepError
 from prep_service.convert import prepare
 from shared.layout import unshard
@@ -101,12 +100,3 @@ def test_bad_quantize_requests(tmp_path: Path) -> None:
         [str(exe), "prepare", str(tmp_path), "--quantize-lm-head"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "quantize_lm_head needs quantize" in out.stderr
-
-
-def test_exec_refuses_quantized_artifacts_clearly(tmp_path: Path) -> None:
-    make_llama(tmp_path / "ckpt")
-    res = prepare(
-        PrepareRequest(source=str(tmp_path / "ckpt"), output=f"file://{tmp_path}/store", quantize="int8")
-    )
-    with pytest.raises(ShardLoadError, match=r"quantized \(int8\); this exec build does not serve"):
-        ManifestShards(res.manifest_uri)

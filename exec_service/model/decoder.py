@@ -81,10 +81,11 @@ class Attention(nn.Module):
                 f"heads_per_rank ({self.h}) is not a multiple of kv_heads_per_rank ({self.kv})"
             )
         self.group = self.h // self.kv
+        int8 = target.quantization is not None
         self.qkv = ColumnParallelLinear(
-            arch.hidden_size, (self.h + 2 * self.kv) * self.d, arch.attention_bias, dtype
+            arch.hidden_size, (self.h + 2 * self.kv) * self.d, arch.attention_bias, dtype, int8
         )
-        self.o = RowParallelLinear(self.h * self.d, arch.hidden_size, arch.o_bias, dtype, comm)
+        self.o = RowParallelLinear(self.h * self.d, arch.hidden_size, arch.o_bias, dtype, comm, int8)
         self.qk_norm = arch.qk_norm
         self.qk_norm_before_rope = arch.qk_norm_before_rope
         self.eps = arch.rms_norm_eps
@@ -155,8 +156,9 @@ class MLP(nn.Module):
     def __init__(self, arch: Architecture, target: Target, dtype: torch.dtype, comm: Collectives) -> None:
         super().__init__()
         i = target.intermediate_per_rank
-        self.gate_up = ColumnParallelLinear(arch.hidden_size, 2 * i, arch.mlp_bias, dtype)  # [gate_r; up_r]
-        self.down = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, dtype, comm)
+        int8 = target.quantization is not None
+        self.gate_up = ColumnParallelLinear(arch.hidden_size, 2 * i, arch.mlp_bias, dtype, int8)  # [gate_r; up_r]
+        self.down = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, dtype, comm, int8)
         self.act = _ACTS[arch.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +219,10 @@ class DecoderModel(nn.Module):
             DecoderLayer(arch, target, i, dtype, comm) for i in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        # a quantized LM head (--quantize-lm-head) is its own int8 tensor even when tied
+        self.tied_lm_head = arch.tie_word_embeddings and not target.quantized_lm_head
         self.lm_head = ParallelLMHead(
-            target.vocab_per_rank, arch.hidden_size, dtype, arch.tie_word_embeddings
+            target.vocab_per_rank, arch.hidden_size, dtype, self.tied_lm_head, target.quantized_lm_head
         )
         # this rank's index as a tensor (DESIGN §5: never get_rank() inside a graph); loaded from the shard
         self.register_buffer("rank", torch.zeros(1, dtype=torch.int32))
@@ -241,7 +245,8 @@ class DecoderModel(nn.Module):
         if not self.longrope:
             return cos, sin
         cos_l, sin_l = rope_mod.cos_sin(positions, self.inv_freq_long, dtype, self.rope_scaling)
-        seq_len = positions.gather(1, last_idx.view(-1, 1)) + 1  # [B, 1]
+        last = last_idx.view(positions.shape[0], -1)[:, -1:]  # [B, 1] (the last selected token)
+        seq_len = positions.gather(1, last) + 1  # [B, 1]
         long = (seq_len > self.rope_original_max).view(-1, 1, 1, 1)
         return torch.where(long, cos_l, cos), torch.where(long, sin_l, sin)
 
@@ -270,7 +275,8 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,  # [B, S] int64
         slots: torch.Tensor,  # [B] int64: cache slot of each row
         mask: torch.Tensor,  # [B, S, K] bool
-        last_idx: torch.Tensor,  # [B] int64: which of the S tokens to produce logits for
+        last_idx: torch.Tensor,  # [B] int64: which of the S tokens to produce logits for (or [B, N]:
+        # N tokens per row, logits [B, N, V_r] — evaluation, e.g. perplexity; not a serving graph)
         cache: KVStore,
         gather_slots: bool,
     ) -> torch.Tensor:
@@ -282,10 +288,12 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             m = chunked if layer.chunked else full
             x = layer(x, cos, sin, positions, slots, m, cache, gather_slots)
-        idx = last_idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
-        x = self.norm(x.gather(1, idx)[:, 0])  # [B, hidden]
-        w = self.embed.weight if self.arch.tie_word_embeddings else None
-        logits = self.lm_head(x, w).float()  # [B, V_r]
+        idx = last_idx.view(x.shape[0], -1, 1).expand(-1, -1, x.shape[-1])  # [B, N, hidden]
+        x = self.norm(x.gather(1, idx))
+        if last_idx.dim() == 1:
+            x = x[:, 0]  # [B, hidden]
+        w = self.embed.weight if self.tied_lm_head else None
+        logits = self.lm_head(x, w).float()  # [B, V_r] (or [B, N, V_r])
         if self.arch.logits_scaling != 1.0:
             logits = logits / self.arch.logits_scaling
         gid = self.vocab_offset() + torch.arange(self.vocab_per_rank, device=logits.device)

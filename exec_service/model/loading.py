@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -25,6 +26,7 @@ from shared.families import REGISTRY, family_for_config
 from shared.families.base import Architecture
 from shared.layout import Target, make_target, shard
 from shared.manifest import Manifest, shard_path
+from shared.quantize import SCHEMES, canonical_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,10 +91,10 @@ class ManifestShards:
         store, key = split_uri(manifest_uri)
         self.manifest = Manifest.from_json(store.get_bytes(key))
         self.arch, self.target = self.manifest.architecture, self.manifest.target
-        if self.target.quantization is not None:
+        if self.target.quantization not in (None, *SCHEMES):
             raise ShardLoadError(
-                f"{manifest_uri}: the artifact is quantized ({self.target.quantization}); this exec build "
-                "does not serve quantized artifacts yet — prepare the model without --quantize"
+                f"{manifest_uri}: unknown quantization scheme {self.target.quantization!r} "
+                f"(this build serves {', '.join(SCHEMES)})"
             )
 
     def load(self, rank: int) -> dict[str, torch.Tensor]:
@@ -124,10 +126,15 @@ def shards_from_hf_state_dict(
     fam = REGISTRY[family]
     dtype = torch_dtype(target.dtype)
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(target.tp_degree)]
-    for rule in fam.rules(arch):
-        parts = shard(rule.name, rule.build(hf_state).to(dtype), arch, target)
-        for r, t in enumerate(parts):
-            ranks[r][rule.name] = t.contiguous()
+    rules = fam.rules(arch)
+    if target.quantized_lm_head and arch.tie_word_embeddings:  # its own tensor (as prep writes it)
+        rules.append(
+            dataclasses.replace(next(r for r in rules if r.name == "embed.weight"), name="lm_head.weight")
+        )
+    for rule in rules:
+        for name, full in canonical_tensors(rule.name, rule.build(hf_state).to(dtype), target):
+            for r, t in enumerate(shard(name, full, arch, target)):
+                ranks[r][name] = t.contiguous()
     for r in range(target.tp_degree):
         ranks[r]["rank"] = torch.tensor([r], dtype=torch.int32)
     return ranks
@@ -149,13 +156,19 @@ class HFShards:
     """Converts a local HF checkpoint directory (config.json + *.safetensors) in each process."""
 
     def __init__(
-        self, path: str | Path, tp: int = 1, dtype: str = "float32", gqa_strategy: str | None = None
+        self,
+        path: str | Path,
+        tp: int = 1,
+        dtype: str = "float32",
+        gqa_strategy: str | None = None,
+        quantize: str | None = None,
+        quantize_lm_head: bool = False,
     ) -> None:
         self.path = Path(path)
         cfg = json.loads((self.path / "config.json").read_text())
         self.family = family_for_config(cfg)
         self.arch = self.family.arch_from_hf(cfg)
-        self.target = make_target(self.arch, tp, dtype, gqa_strategy)
+        self.target = make_target(self.arch, tp, dtype, gqa_strategy, quantize, quantize_lm_head)
 
     def load(self, rank: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -11,6 +11,11 @@ and unselected experts get weight 0 (or input 0, which gives output 0: experts c
 is exact and traceable but costs E/top_k times the FLOPs of a sparse dispatch: right for the tiny
 test models and for decode-sized batches, not tuned for large prefills.
 
+int8 (``Target.quantization``): expert and shared-expert weights are int8 with per-output-channel
+float32 scales (``experts.gate_up_scale`` [E, 2 I_r], ``shared.gate_up.weight_scale`` ...); the scale
+factors out of each matmul, ``(x q^T) * scale``, so the weights are converted, never dequantized
+into a stored copy.
+
 Tensor parallelism: experts are sharded on their intermediate dim (every rank holds every expert's
 slice: gate_up [E, 2 I_r, H] as [gate_r; up_r], down [E, H, I_r]); the shared expert likewise. Each
 rank's partial output (routed + shared) is summed by ONE all-reduce, as a row-parallel layer does.
@@ -54,21 +59,38 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    def __init__(self, hidden: int, num_experts: int, inter_r: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, hidden: int, num_experts: int, inter_r: int, dtype: torch.dtype, quantized: bool = False
+    ) -> None:
         super().__init__()
-        self.gate_up = _param(num_experts, 2 * inter_r, hidden, dtype=dtype)  # [E, 2 I_r, H]
-        self.down = _param(num_experts, hidden, inter_r, dtype=dtype)  # [E, H, I_r]
+        wdt = torch.int8 if quantized else dtype
+        self.gate_up = _param(num_experts, 2 * inter_r, hidden, dtype=wdt)  # [E, 2 I_r, H]
+        self.down = _param(num_experts, hidden, inter_r, dtype=wdt)  # [E, H, I_r]
+        self.gate_up_scale = _param(num_experts, 2 * inter_r, dtype=torch.float32) if quantized else None
+        self.down_scale = _param(num_experts, hidden, dtype=torch.float32) if quantized else None
+
+
+def _weight(out: int, inp: int, dtype: torch.dtype, quantized: bool) -> nn.Module:
+    m = nn.Module()
+    m.weight = _param(out, inp, dtype=torch.int8 if quantized else dtype)
+    m.weight_scale = _param(out, dtype=torch.float32) if quantized else None
+    return m
 
 
 class SharedExpert(nn.Module):
     """A dense gated MLP whose down projection is NOT reduced here (the MoE block reduces once)."""
 
-    def __init__(self, hidden: int, inter_r: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, inter_r: int, dtype: torch.dtype, quantized: bool = False) -> None:
         super().__init__()
-        self.gate_up = nn.Module()
-        self.gate_up.weight = _param(2 * inter_r, hidden, dtype=dtype)  # [gate_r; up_r]
-        self.down = nn.Module()
-        self.down.weight = _param(hidden, inter_r, dtype=dtype)
+        self.gate_up = _weight(2 * inter_r, hidden, dtype, quantized)  # [gate_r; up_r]
+        self.down = _weight(hidden, inter_r, dtype, quantized)
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T for W [.., out, in] (scale None) or int8 W with float32 scales [.., out]."""
+    if scale is None:
+        return torch.matmul(x, w.transpose(-1, -2))
+    return torch.matmul(x, w.to(x.dtype).transpose(-1, -2)) * scale.to(x.dtype).unsqueeze(-2)
 
 
 class MoE(nn.Module):
@@ -88,32 +110,42 @@ class MoE(nn.Module):
         if moe.router not in ("softmax", "sigmoid"):
             raise NotImplementedError(f"MoEConfig.router={moe.router!r} is not implemented")
         h = arch.hidden_size
+        quantized = target.quantization is not None
         self.router = Router(h, moe, dtype)
-        self.experts = Experts(h, moe.num_experts, target.moe_intermediate_per_rank, dtype)
+        self.experts = Experts(h, moe.num_experts, target.moe_intermediate_per_rank, dtype, quantized)
         self.shared = None
         if moe.shared_expert_intermediate_size:
             si = divide(moe.shared_expert_intermediate_size, tp, "shared expert intermediate_size")
-            self.shared = SharedExpert(h, si, dtype)
+            self.shared = SharedExpert(h, si, dtype, quantized)
         self.scale_input = moe.router_applied_to_input
         self.act = _act(arch.hidden_act)
         self.comm = comm
 
-    def _mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        gate, up = torch.matmul(x, gate_up.transpose(-1, -2)).chunk(2, dim=-1)
-        return torch.matmul(self.act(gate) * up, down.transpose(-1, -2))
+    def _mlp(self, x: torch.Tensor, gate_up, down) -> torch.Tensor:
+        """``gate_up`` / ``down``: (weight, scale or None)."""
+        gate, up = _matmul(x, *gate_up).chunk(2, dim=-1)
+        return _matmul(self.act(gate) * up, *down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         t = x.reshape(-1, shape[-1])  # [T, H]
         w = self.router(t)  # [T, E]
+        ex = self.experts
+        experts = ((ex.gate_up, ex.gate_up_scale), (ex.down, ex.down_scale))
         if self.scale_input:  # Llama4: expert_e(x * w_e); unselected experts see 0 and output 0
             xin = t[None] * w.t()[:, :, None].to(t.dtype)  # [E, T, H]
-            out = self._mlp(xin, self.experts.gate_up, self.experts.down).sum(0)  # [T, H]
+            out = self._mlp(xin, *experts).sum(0)  # [T, H]
         else:  # Mixtral / Qwen3-MoE: sum_e w_e * expert_e(x), weights in fp32
-            y = self._mlp(t[None], self.experts.gate_up, self.experts.down)  # [E, T, H]
+            y = self._mlp(t[None], *experts)  # [E, T, H]
             out = (y * w.t()[:, :, None]).sum(0).to(t.dtype)
         if self.shared is not None:
-            out = self._mlp(t, self.shared.gate_up.weight, self.shared.down.weight) + out
+            sh = self.shared
+            out = (
+                self._mlp(
+                    t, (sh.gate_up.weight, sh.gate_up.weight_scale), (sh.down.weight, sh.down.weight_scale)
+                )
+                + out
+            )
         return self.comm.all_reduce(out).reshape(shape)
 
 

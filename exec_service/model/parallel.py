@@ -29,6 +29,61 @@ def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
 
 
+# ---- int8 weight-only linears (shared/quantize.py: W ~= q * scale[out, None]) ----------------------
+
+INT8_KERNELS = ("int8pack", "dequant")
+# Above this many rows (prefill chunks) the dequantize-then-fp32-GEMM path is as fast as the int8
+# kernel, whose cost grows ~linearly with the rows on AVX2 (bench/int8.py measures both).
+INT8PACK_MAX_ROWS = 64
+
+
+def int8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,  # int8 [out, in]
+    scale: torch.Tensor,  # float32 [out]
+    kernel_scale: torch.Tensor,  # the scales in the int8 kernel's dtype (bfloat16) [out]
+    bias: torch.Tensor | None,
+    kernel: str,
+) -> torch.Tensor:
+    """``x (q * scale)^T + bias`` for a weight-only int8 linear; the result is in ``x``'s dtype.
+
+    * ``int8pack`` (cpu): ``aten._weight_int8pack_mm`` — int8 weights streamed from memory, the
+      activations rounded to bfloat16 and the per-channel scale applied inside the kernel (~3x
+      fp32's GEMV speed at 1-8 rows on this AVX2 CPU). Used up to ``INT8PACK_MAX_ROWS`` rows.
+    * ``dequant`` (cuda, neuron tracing, large prefills, and every other case): the per-output-channel
+      scale factors out of the matmul, ``(x q^T) * scale``: one int8 -> x.dtype conversion of the
+      weight per call, the GEMM in x's dtype, exact up to that dtype's rounding.
+    The static shapes of a graph fix the branch taken (shape-only Python control flow)."""
+    rows = x.numel() // x.shape[-1]
+    if kernel == "int8pack" and rows <= INT8PACK_MAX_ROWS and x.device.type == "cpu":
+        y = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(rows, x.shape[-1]).to(torch.bfloat16), q, kernel_scale
+        )
+        y = y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+    else:
+        y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def int8pack_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class _Int8Weight(nn.Module):
+    """Mixin state for a weight-only int8 linear: ``weight`` int8, ``weight_scale`` float32 (both
+    loaded from the shard), ``kernel_scale`` (derived, not state) and the kernel choice."""
+
+    def _init_int8(self, out: int, inp: int) -> None:
+        self.weight = _empty(out, inp, dtype=torch.int8)
+        self.weight_scale = _empty(out, dtype=torch.float32)
+        self.register_buffer("kernel_scale", torch.zeros(out, dtype=torch.bfloat16), persistent=False)
+        self.kernel = "dequant"
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight.dtype == torch.int8
+
+
 def onednn_available() -> bool:
     """oneDNN (mkldnn) fp32 linear with prepacked weights: the fastest CPU GEMV/small-GEMM here."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -60,34 +115,56 @@ def packed_linear(
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T (+ b_local); W split on the output dim. No communication."""
+class ColumnParallelLinear(_Int8Weight):
+    """y_local = x W_local^T (+ b_local); W split on the output dim. No communication.
+    ``quantized``: W is int8 with per-output-channel ``weight_scale`` (its rows' scales)."""
 
-    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype, quantized: bool = False
+    ) -> None:
         super().__init__()
-        self.weight = _empty(out_local, in_features, dtype=dtype)  # [out/tp, in]
+        if quantized:
+            self._init_int8(out_local, in_features)
+        else:
+            self.weight = _empty(out_local, in_features, dtype=dtype)  # [out/tp, in]
         self.bias = _empty(out_local, dtype=dtype) if bias else None
         self.packed: torch.Tensor | None = None  # set by pack_linears (cpu backend); not state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return int8_linear(x, self.weight, self.weight_scale, self.kernel_scale, self.bias, self.kernel)
         return packed_linear(x, self.packed, self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Int8Weight):
     """y = all_reduce(x_local W_local^T) + b; W split on the input dim. The bias is added once, after
-    the reduction."""
+    the reduction. ``quantized``: every rank holds the whole rows' scales, which factor out of each
+    rank's partial sum."""
 
     def __init__(
-        self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype, comm: Collectives
+        self,
+        in_local: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        comm: Collectives,
+        quantized: bool = False,
     ) -> None:
         super().__init__()
-        self.weight = _empty(out_features, in_local, dtype=dtype)  # [out, in/tp]
+        if quantized:
+            self._init_int8(out_features, in_local)
+        else:
+            self.weight = _empty(out_features, in_local, dtype=dtype)  # [out, in/tp]
         self.bias = _empty(out_features, dtype=dtype) if bias else None
         self.comm = comm
         self.packed: torch.Tensor | None = None  # set by pack_linears (cpu backend); not state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.all_reduce(packed_linear(x, self.packed, self.weight, None))
+        if self.quantized:
+            y = int8_linear(x, self.weight, self.weight_scale, self.kernel_scale, None, self.kernel)
+        else:
+            y = packed_linear(x, self.packed, self.weight, None)
+        y = self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -111,16 +188,28 @@ class VocabParallelEmbedding(nn.Module):
         return self.comm.all_reduce(out)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_Int8Weight):
     """Column-parallel LM head over the padded vocab: returns this rank's logits [.., V_pad/tp]; the
-    sampler merges ranks. ``weight`` is None when tied to the embedding (set by the model)."""
+    sampler merges ranks. ``weight`` is None when tied to the embedding (set by the model).
+    ``quantized`` (``--quantize-lm-head``): its own int8 weight even when the embedding is tied."""
 
-    def __init__(self, vocab_per_rank: int, hidden: int, dtype: torch.dtype, tied: bool) -> None:
+    def __init__(
+        self, vocab_per_rank: int, hidden: int, dtype: torch.dtype, tied: bool, quantized: bool = False
+    ) -> None:
         super().__init__()
-        self.weight = None if tied else _empty(vocab_per_rank, hidden, dtype=dtype)
+        if quantized:
+            self._init_int8(vocab_per_rank, hidden)
+        else:
+            self.weight = None if tied else _empty(vocab_per_rank, hidden, dtype=dtype)
         self.packed: torch.Tensor | None = None  # set by pack_linears (of the tied weight when tied)
 
+    @property
+    def quantized(self) -> bool:
+        return self.weight is not None and self.weight.dtype == torch.int8
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.quantized:
+            return int8_linear(x, self.weight, self.weight_scale, self.kernel_scale, None, self.kernel)
         w = self.weight if weight is None else weight
         return packed_linear(x, self.packed, w, None)
 
@@ -142,6 +231,20 @@ def pack_linears(model: nn.Module, batch_hint: int | None = None) -> int:
         else:
             continue
         n += mod.packed is not None
+    return n
+
+
+def prepare_int8(model: nn.Module, kernel: str) -> int:
+    """After loading a quantized shard: derive each int8 linear's kernel scales and set its kernel
+    (``INT8_KERNELS``); returns how many int8 linears the model has."""
+    if kernel not in INT8_KERNELS:
+        raise ValueError(f"int8 kernel must be one of {INT8_KERNELS}, got {kernel!r}")
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, _Int8Weight) and mod.quantized:
+            mod.kernel_scale.copy_(mod.weight_scale.to(torch.bfloat16))
+            mod.kernel = kernel
+            n += 1
     return n
 
 

@@ -12,7 +12,7 @@ import torch
 from exec_service.model.collectives import SINGLE, Collectives
 from exec_service.model.decoder import DecoderModel
 from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
-from exec_service.model.parallel import pack_linears
+from exec_service.model.parallel import INT8_KERNELS, int8pack_available, pack_linears, prepare_int8
 from exec_service.runtime.backends import GraphFn, get_backend
 from exec_service.runtime.graphs import GraphSpec, StepGraph, graph_set
 from exec_service.runtime.kv_cache import KVCache
@@ -48,6 +48,10 @@ class RuntimeConfig:
     # cpu linear kernels: "onednn" = fp32 weights prepacked for oneDNN (~1.5-2x MKL's GEMV/small
     # GEMM here; eager only), "aten" = plain F.linear (MKL). Other dtypes/backends always use aten.
     cpu_linear: str = "onednn"
+    # int8 artifacts (prepare --quantize int8): "auto" = "int8pack" on cpu (aten._weight_int8pack_mm,
+    # bfloat16 activations, up to INT8PACK_MAX_ROWS rows), "dequant" elsewhere ((x q^T) * scale in
+    # the model dtype: cuda, large prefills, and exact-arithmetic parity tests)
+    int8_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         ctx = tuple(sorted(set(self.context_buckets)))
@@ -65,10 +69,19 @@ class RuntimeConfig:
             raise ValueError(f"the largest KV bucket must equal max_seq_len ({self.max_seq_len}): {kv}")
         if self.cpu_linear not in ("onednn", "aten"):
             raise ValueError(f"cpu_linear must be 'onednn' or 'aten', got {self.cpu_linear!r}")
+        if self.int8_kernel not in ("auto", *INT8_KERNELS):
+            raise ValueError(
+                f"int8_kernel must be one of auto, {', '.join(INT8_KERNELS)}, got {self.int8_kernel!r}"
+            )
         if self.num_candidates < 1 or self.num_top_logprobs < 1 or self.max_suppressed_ids < 1:
             raise ValueError("num_candidates, num_top_logprobs and max_suppressed_ids must be >= 1")
         object.__setattr__(self, "context_buckets", ctx)
         object.__setattr__(self, "kv_buckets", kv)
+
+    def resolved_int8_kernel(self) -> str:
+        if self.int8_kernel != "auto":
+            return self.int8_kernel
+        return "int8pack" if self.backend == "cpu" and int8pack_available() else "dequant"
 
     def graph_specs(self) -> list[GraphSpec]:
         return graph_set(
@@ -105,6 +118,8 @@ class Runner:
         self.model = model.to(device).eval()
         if config.backend == "cpu" and not config.compile and config.cpu_linear == "onednn":
             pack_linears(self.model, config.max_batch_size)
+        if target.quantization is not None:
+            prepare_int8(self.model, config.resolved_int8_kernel())
         self.cache = KVCache(
             arch.num_layers,
             config.max_batch_size,

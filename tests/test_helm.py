@@ -273,6 +273,7 @@ def test_every_ci_values_file_is_a_tested_profile():
         ({"exec": {"profile": "tpu"}}, "/exec/profile"),
         ({"exec": {"accelerators": {"gpu": {"resourceName": "amd.com/gpu"}}}}, "resourceName"),
         ({"prepareJob": {"models": [{"source": "x", "dtype": "int8"}]}}, "dtype"),
+        ({"prepareJob": {"models": [{"source": "x", "quantize": "int4"}]}}, "quantize"),
         ({"prepareJob": {"models": [{"tp": 2}]}}, "source"),
         ({"store": {"uri": "gs://bucket/x"}}, "/store/uri"),
         ({"exec": {"model": "manifest.json"}}, "/exec/model"),
@@ -354,6 +355,10 @@ def test_schema_accepts_defaults_and_profiles():
         ),
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"prepareJob": {"enabled": True}}, "prepareJob.models"),
+        (
+            {"prepareJob": {"enabled": True, "models": [{"source": "x", "quantizeLmHead": True}]}},
+            "quantizeLmHead needs quantize",
+        ),
         ({"exec": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}, "minReplicas"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
     ],
@@ -839,6 +844,20 @@ def test_several_models_make_an_indexed_job():
     # The launcher picks the argv by JOB_COMPLETION_INDEX and execs `neuron-serve`.
     assert c["command"][:2] == ["python", "-c"]
     assert "JOB_COMPLETION_INDEX" in c["command"][2] and "execvp" in c["command"][2]
+
+
+def test_prepare_job_quantizes_when_asked():
+    def args(model):
+        (job,) = find(render({"prepareJob": {"enabled": True, "models": [model]}}), "Job")
+        return container(job)["args"]
+
+    assert "--quantize" not in args({"source": "org/a"})
+    a = args({"source": "org/a", "quantize": "int8", "quantizeLmHead": True})
+    assert arg_value(a, "--quantize") == "int8" and "--quantize-lm-head" in a
+    from shared.cli import build_parser
+
+    ns = build_parser().parse_args(a)
+    assert ns.quantize == "int8" and ns.quantize_lm_head
 
 
 def test_job_name_changes_with_its_inputs():

@@ -3,15 +3,25 @@ against a plain safetensors read + write copy of the same bytes (safe_open -> ge
 save_file, which holds the whole state in memory). Every measurement runs in a fresh child process
 that reports its own peak RSS (VmHWM).
 
-    .venv/bin/python -m bench.prep [--sizes 0.5,1,2] [--tps 1,2,4] [--workdir /tmp/bench-prep]
+Columns:
+* ``prep`` — the source's sha256 is remembered from an earlier run (the digest cache, primed in
+  the child before timing): what re-preparing a checkpoint for another tp/dtype costs;
+* ``prep_cold`` — no digest cache: the source is hashed too (a first preparation);
+* ``copy`` — the plain copy, the headline baseline (``ratio`` = prep / copy);
+* ``copy_durable`` — the same copy plus what prep must also do for durability and integrity:
+  ``fsync`` of the written file and one sha256 pass over it (``ratio_durable`` = prep / that).
+
+    .venv/bin/python -m bench.prep [--sizes 0.5,1,2] [--tps 1,2,4] [--reps 1] [--workdir /tmp/bench-prep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -71,23 +81,37 @@ def make_checkpoint(path: Path, gb: float) -> int:
 
 
 def _child(kind: str, src: str, out: str, tp: int) -> None:
-    # imports first: both timings cover the work only (torch import is ~2 s here)
+    # imports first: all timings cover the work only (torch import is ~2 s here)
+    import hashlib
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from prep_service.api import PrepareRequest
     from prep_service.convert import prepare
+    from prep_service.sources.digests import DigestCache
 
+    cached = None
+    if kind == "prep":  # prime the digest cache (NEURON_SERVE_DIGEST_CACHE, set by the parent)
+        weights = Path(src) / "model.safetensors"
+        cache = DigestCache.default()
+        cache.sha256(weights)
+        cached = cache.lookup(weights) is not None
     t = time.perf_counter()
-    if kind == "copy":
+    if kind in ("copy", "copy_durable"):
         with safe_open(str(Path(src) / "model.safetensors"), "pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         Path(out).mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(Path(out) / "model.safetensors"))
+        dest = Path(out) / "model.safetensors"
+        save_file(sd, str(dest))
+        if kind == "copy_durable":
+            with open(dest, "rb") as f:
+                os.fsync(f.fileno())
+                hashlib.file_digest(f, "sha256")
     else:
         prepare(PrepareRequest(source=src, output=f"file://{out}", tp_degree=tp, force=True))
     dt = time.perf_counter() - t
-    print(json.dumps({"seconds": dt, "max_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"seconds": dt, "max_rss_mb": _peak_rss_mb(), "digest_cached": cached}))
 
 
 def _peak_rss_mb() -> float:
@@ -102,19 +126,32 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_child(kind: str, src: Path, out: Path, tp: int) -> dict:
+def _run_child(kind: str, src: Path, out: Path, tp: int, digest_cache: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "NEURON_SERVE_DIGEST_CACHE": str(digest_cache) if kind == "prep" else "off"}
     r = subprocess.run(
         [sys.executable, "-m", "bench.prep", "--child", kind, str(src), str(out), str(tp)],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if r.returncode != 0:
         raise RuntimeError(f"{kind} tp={tp} failed:\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
+    if kind == "prep" and not res["digest_cached"]:
+        raise RuntimeError("the digest cache was not primed (source modified within the last seconds?)")
     return res
+
+
+def _median_run(kind: str, src: Path, out: Path, tp: int, digest_cache: Path, reps: int) -> dict:
+    """Median seconds over ``reps`` fresh child processes; the highest peak RSS seen."""
+    runs = [_run_child(kind, src, out, tp, digest_cache) for _ in range(reps)]
+    return {
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "max_rss_mb": max(r["max_rss_mb"] for r in runs),
+    }
 
 
 def main() -> None:
@@ -124,27 +161,39 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="0.5,1,2")
     ap.add_argument("--tps", default="1,2,4")
+    ap.add_argument("--reps", type=int, default=1, help="runs per measurement (median)")
     ap.add_argument("--workdir", default="/tmp/bench-prep")
     args = ap.parse_args()
     work = Path(args.workdir)
+    digest_cache = work / "digest-cache"
     rows = []
     for gb in (float(x) for x in args.sizes.split(",")):
         src = work / f"ckpt-{gb}g"
         if not (src / "model.safetensors").exists():
             make_checkpoint(src, gb)
+            time.sleep(3)  # the digest cache only remembers files not modified in the last 2 s
         nbytes = (src / "model.safetensors").stat().st_size
-        copy = _run_child("copy", src, work / "copy-out", 1)
-        copy_gbps = nbytes / copy["seconds"] / 1e9
+
+        def run(kind: str, tp: int, src: Path = src) -> dict:
+            out = work / ("copy-out" if kind.startswith("copy") else "store")
+            return _median_run(kind, src, out, tp, digest_cache, args.reps)
+
+        copy, durable = run("copy", 1), run("copy_durable", 1)
         for tp in (int(x) for x in args.tps.split(",")):
-            p = _run_child("prep", src, work / "store", tp)
+            cold, p = run("prep_cold", tp), run("prep", tp)
             rows.append(
                 {
                     "size_GB": nbytes / 1e9,
                     "tp": tp,
                     "prep_GBps": nbytes / p["seconds"] / 1e9,
-                    "copy_GBps": copy_gbps,
+                    "prep_cold_GBps": nbytes / cold["seconds"] / 1e9,
+                    "copy_GBps": nbytes / copy["seconds"] / 1e9,
+                    "copy_durable_GBps": nbytes / durable["seconds"] / 1e9,
                     "ratio": copy["seconds"] / p["seconds"],
+                    "ratio_cold": copy["seconds"] / cold["seconds"],
+                    "ratio_durable": durable["seconds"] / p["seconds"],
                     "prep_rss_MB": p["max_rss_mb"],
+                    "prep_cold_rss_MB": cold["max_rss_mb"],
                     "copy_rss_MB": copy["max_rss_mb"],
                 }
             )

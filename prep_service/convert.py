@@ -19,13 +19,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch._dynamo  # see the comment after `log`
 
 from prep_service.api import NAME_PATTERN, PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
 from prep_service.sources import ResolvedSource, resolve_source
+from prep_service.sources.digests import DigestCache, sha256_file
 from prep_service.st_io import (
     PlannedTensor,
     SafetensorsFormatError,
@@ -43,9 +47,14 @@ from shared.storage import ObjectExists, ObjectStore, StoreError, open_store
 
 log = logging.getLogger("neuron_serve.prep")
 
+# Planning (``validate``) runs the families' torch.cat/stack on meta tensors, and those meta kernels
+# import torch._dynamo on their first call: 1.1-1.7 s on the bench machine, once per process. It is
+# imported with this module instead (the CLI and the prep server import it only to prepare), so
+# that start-up cost is not paid inside the first preparation, where it was the largest single item
+# of a warm 0.5 GB run (docs/PERFORMANCE.md, "Prep hot spots").
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PIPELINE_VERSION = "prep-1"  # bump when the shard format or pipeline changes what is written
-_HASH_CHUNK = 8 * 1024 * 1024
+PIPELINE_VERSION = "prep-2"  # bump when the shard format or pipeline changes what is written
 
 
 class _Reporter:
@@ -82,18 +91,6 @@ class _Reporter:
         if self._cb is not None and (force or now - self._last >= 0.1):
             self._last = now
             self._cb(Progress(**vars(self.p)))
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if on_bytes:
-                on_bytes(n)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +176,37 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+class _SingleThreadedTorch:
+    """Run conversion's torch ops with one intra-op thread, restoring the setting afterwards.
+
+    Those ops are memory-bound copies (cat, cast, slices) while the shard writers' sha256 threads
+    keep the other core(s) busy; with the default pool every op is an OpenMP region that waits for
+    a descheduled thread: a 0.8 GB ``torch.cat`` took 0.8 s at 2 threads and 0.2 s at 1 on the
+    2-core bench machine (docs/PERFORMANCE.md, "Prep hot spots"). The thread count is per process,
+    so concurrent preparations (the prep server) share one count: the first sets it, the last
+    restores it.
+    """
+
+    _lock = threading.Lock()
+    _active = 0
+    _saved = 0
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        with cls._lock:
+            if cls._active == 0:
+                cls._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            cls._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._active -= 1
+            if cls._active == 0:
+                torch.set_num_threads(cls._saved)
 
 
 def _strip(key: str, prefixes: tuple[str, ...]) -> str:
@@ -369,52 +397,165 @@ def _prepare(
     ckpt = Checkpoint(src.root, req.allow_pickle, family.key_prefixes)
     side_files = [src.root / n for n in HF_SIDE_FILES if (src.root / n).is_file()]
     hashed = src.hashed_files or [*ckpt.files, *side_files]
+    name = req.name or src.name
+    if not NAME_PATTERN.match(name):
+        raise PrepError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
 
     rules = family.rules(arch)
     if target.quantized_lm_head and arch.tie_word_embeddings:
         # a quantized LM head is its own tensor; the (tied) embedding stays in the model dtype
         embed = next(r for r in rules if r.name == "embed.weight")
         rules.append(ParamRule("lm_head.weight", embed.sources, embed.combine))
-    # Planning (meta tensors, Python-bound) runs while the source is hashed (C, releases the GIL).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
+
+    # Source digests: the ones already known (fetched with a download, or remembered for an
+    # unchanged local file) are not computed again; the rest are hashed on a helper thread while
+    # the pipeline goes on (hashlib releases the GIL): planning, and — when the artifact key
+    # needs them — a speculative conversion into staging that is dropped if the finished digests
+    # name an artifact that already exists.
+    cache = DigestCache.default()
+    known = {p: src.digests.get(p) or cache.lookup(p) for p in hashed}
+    todo = [p for p in hashed if known[p] is None]
+    stop_hashing = threading.Event()
+
+    def hash_missing() -> dict[Path, str]:
+        def on_bytes(_: int) -> None:
+            if stop_hashing.is_set():
+                raise PrepCancelled("hashing stopped")
+
+        return {p: cache.sha256(p, on_bytes) for p in todo}
+
+    job = _Job(req, src, store, work, rep, ckpt, family, arch, rules, target, side_files)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prep") as pool:
         planned = pool.submit(validate, ckpt, family, arch, rules, target)
-        rep.stage("hashing", bytes_total=sum(p.stat().st_size for p in hashed))
-        source_files = []
-        for p in hashed:
-            digest = sha256_file(p, on_bytes=lambda n: rep.advance(n))
-            rel = p.name if src.kind == "gguf" else str(p.relative_to(src.root))
-            source_files.append({"path": rel, "size": p.stat().st_size, "sha256": digest})
-        identity = src.identity or [(f["path"], f["sha256"]) for f in source_files]
-        key = artifact_key(identity, family, target)
-        name = req.name or src.name
-        if not NAME_PATTERN.match(name):
-            raise PrepError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
-        prefix = f"models/{name}/{key}"
-        manifest_key = f"{prefix}/{MANIFEST_NAME}"
-        manifest_uri = store.uri_for(manifest_key)
+        hashing = pool.submit(hash_missing)
+        try:
+            rep.stage("hashing", bytes_total=sum(p.stat().st_size for p in todo))
+            ident = _Identity(job, name, hashed, known)
+            if ident.key is not None and (reused := ident.existing()) is not None:
+                rep.stage("done")
+                return reused
+            return _convert_and_publish(job, ident, _wait(planned, rep), hashing)
+        finally:
+            stop_hashing.set()
 
-        if not req.force and store.exists(manifest_key):
-            log.info("artifact %s exists; reusing", manifest_uri)
-            rep.stage("done")
-            return PrepareResult(manifest_uri, key, True, json.loads(store.get_bytes(manifest_key)))
-        plans = planned.result()
 
+@dataclass(frozen=True)
+class _Job:
+    """One preparation's inputs, resolved and validated."""
+
+    req: PrepareRequest
+    src: ResolvedSource
+    store: ObjectStore
+    work: Path
+    rep: _Reporter
+    ckpt: Checkpoint
+    family: Family
+    arch: Architecture
+    rules: list[ParamRule]
+    target: Target
+    side_files: list[Path]
+
+
+def _wait(fut: concurrent.futures.Future, rep: _Reporter) -> Any:
+    """``fut.result()``, still answering cancellation while it waits."""
+    while True:
+        try:
+            return fut.result(timeout=0.1)
+        except concurrent.futures.TimeoutError:
+            rep.check()
+
+
+class _Identity:
+    """What names the artifact: the source files' digests, the artifact key and where it lives.
+
+    The key is known up front when the source has a stable identity (hub: repo@commit) or every
+    digest is already known; otherwise it is set by :meth:`add` once the digests are in.
+    """
+
+    def __init__(self, job: _Job, name: str, hashed: list[Path], known: dict[Path, str | None]):
+        self._job = job
+        self.name = name
+        self._hashed = hashed
+        self.digests = dict(known)
+        self.key: str | None = None
+        if job.src.identity is not None or self.complete:
+            self._set_key()
+
+    @property
+    def complete(self) -> bool:
+        return all(d is not None for d in self.digests.values())
+
+    def add(self, digests: dict[Path, str]) -> None:
+        self.digests.update(digests)
+        if self.key is None:
+            self._set_key()
+
+    def source_files(self) -> list[dict]:
+        return [
+            {
+                "path": p.name if self._job.src.kind == "gguf" else str(p.relative_to(self._job.src.root)),
+                "size": p.stat().st_size,
+                "sha256": self.digests[p],
+            }
+            for p in self._hashed
+        ]
+
+    def _set_key(self) -> None:
+        identity = self._job.src.identity or [(f["path"], f["sha256"]) for f in self.source_files()]
+        self.key = artifact_key(identity, self._job.family, self._job.target)
+
+    @property
+    def prefix(self) -> str:
+        return f"models/{self.name}/{self.key}"
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}/{MANIFEST_NAME}"
+
+    def existing(self) -> PrepareResult | None:
+        """The finished artifact of this key, unless ``force`` asks to prepare it again."""
+        assert self.key is not None
+        store = self._job.store
+        if self._job.req.force or not store.exists(self.manifest_key):
+            return None
+        uri = store.uri_for(self.manifest_key)
+        log.info("artifact %s exists; reusing", uri)
+        return PrepareResult(uri, self.key, True, json.loads(store.get_bytes(self.manifest_key)))
+
+
+def _convert_and_publish(
+    job: _Job, ident: _Identity, plans: list[list[PlannedTensor]], hashing: concurrent.futures.Future
+) -> PrepareResult:
+    """Stream every tensor through conversion and sharding into staged shard files, then publish
+    them and write the manifest last."""
+    req, src, store, rep = job.req, job.src, job.store, job.rep
+    ckpt, arch, rules, target = job.ckpt, job.arch, job.rules, job.target
     # Staged next to the store when it is local (publishing is then a rename), else in ``work``.
     staging_root = store.staging_root()
     if staging_root is not None:
         _sweep_stale_staging(staging_root)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_root or work))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_root or job.work))
     (staging / "shards").mkdir(parents=True)
     tp = target.tp_degree
+    # The artifact key is not in the shard header: it may not be known yet (see _prepare); the
+    # manifest binds the shards to the artifact by their sha256.
     writers = [
         StreamingWriter(
             staging / shard_path(r, tp),
             plans[r],
-            metadata={"format": "pt", "rank": str(r), "tp_degree": str(tp), "artifact_key": key},
+            metadata={"format": "pt", "rank": str(r), "tp_degree": str(tp)},
         )
         for r in range(tp)
     ]
     uploaded = False
+
+    def reuse_if_finished() -> PrepareResult | None:
+        """Once the digests are in, the key is known: an existing artifact ends the speculation."""
+        if ident.key is None and hashing.done():
+            ident.add(hashing.result())
+            return ident.existing()
+        return None
+
     try:
         rep.stage(
             "converting",
@@ -423,37 +564,51 @@ def _prepare(
         )
         for r, w in enumerate(writers):
             w.write("rank", torch.tensor([r], dtype=torch.int32))
-        for rule in rules:
-            for name, t in _converted(rule, ckpt, target):
-                for r, part in enumerate(shard(name, t, arch, target)):
-                    writers[r].write(name, part)
-                del t, part
-            rep.advance(sum(ckpt.nbytes(s) for s in rule.sources), tensors=1)
+        with _SingleThreadedTorch():
+            for rule in rules:
+                for tname, t in _converted(rule, ckpt, target):
+                    for r, part in enumerate(shard(tname, t, arch, target)):
+                        writers[r].write(tname, part)
+                    del t, part
+                rep.advance(sum(ckpt.nbytes(s) for s in rule.sources), tensors=1)
+                if (reused := reuse_if_finished()) is not None:
+                    return _dropped(reused, writers, staging, rep)
         files: list[FileEntry] = []
         for r, w in enumerate(writers):
             files.append(FileEntry(shard_path(r, tp), w.size, w.close()))
-        for p in side_files:
+        for p in job.side_files:
             shutil.copyfile(p, staging / p.name)
-            files.append(FileEntry(p.name, p.stat().st_size, sha256_file(p)))
+            files.append(FileEntry(p.name, (staging / p.name).stat().st_size, sha256_file(staging / p.name)))
 
+        if not ident.complete:
+            ident.add(_wait(hashing, rep))
+            if (reused := ident.existing()) is not None:
+                return _dropped(reused, writers, staging, rep)
+        assert ident.key is not None
+        prefix, manifest_key = ident.prefix, ident.manifest_key
         rep.stage("uploading", bytes_total=sum(f.size for f in files))
         uploaded = True
         for f in files:
-            key = f"{prefix}/{f.path}"
-            if _already_uploaded(store, key, f):
-                log.info("%s is already in the store (same size and sha256): not uploaded again", key)
+            obj = f"{prefix}/{f.path}"
+            if _already_uploaded(store, obj, f):
+                log.info("%s is already in the store (same size and sha256): not uploaded again", obj)
             else:
-                store.adopt_file(key, staging / f.path, sha256=f.sha256)
+                store.adopt_file(obj, staging / f.path, sha256=f.sha256)
             rep.advance(f.size, force=True)
 
         manifest = Manifest(
-            name=name,
-            artifact_key=key,
-            source={"uri": src.uri, "kind": src.kind, "revision": src.revision, "files": source_files},
-            family=family.name,
+            name=ident.name,
+            artifact_key=ident.key,
+            source={
+                "uri": src.uri,
+                "kind": src.kind,
+                "revision": src.revision,
+                "files": ident.source_files(),
+            },
+            family=job.family.name,
             architecture=arch,
             target=target,
-            converter_version=f"{family.converter_version}+{PIPELINE_VERSION}",
+            converter_version=f"{job.family.converter_version}+{PIPELINE_VERSION}",
             files=tuple(files),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
@@ -469,14 +624,25 @@ def _prepare(
                 reused = False
         rep.stage("done")
         shutil.rmtree(staging, ignore_errors=True)
-        return PrepareResult(manifest_uri, key, reused, json.loads(manifest.to_json()))
+        return PrepareResult(store.uri_for(manifest_key), ident.key, reused, json.loads(manifest.to_json()))
     except BaseException:
         for w in writers:
             w.abort()
         shutil.rmtree(staging, ignore_errors=True)
-        if uploaded and not store.exists(manifest_key):
+        if uploaded and not store.exists(ident.manifest_key):
             try:
-                store.delete_prefix(prefix + "/")
+                store.delete_prefix(ident.prefix + "/")
             except StoreError:
-                log.warning("could not clean up %s after a failed preparation", prefix, exc_info=True)
+                log.warning("could not clean up %s after a failed preparation", ident.prefix, exc_info=True)
         raise
+
+
+def _dropped(
+    reused: PrepareResult, writers: list[StreamingWriter], staging: Path, rep: _Reporter
+) -> PrepareResult:
+    """End a speculative conversion whose artifact turned out to exist: nothing was published."""
+    for w in writers:
+        w.abort()
+    shutil.rmtree(staging, ignore_errors=True)
+    rep.stage("done")
+    return reused

@@ -5,17 +5,24 @@
 reader here reads each tensor's bytes with plain ``readinto`` into a fresh buffer, and the writer
 writes a precomputed header followed by the tensors in order, hashing as it goes.
 The file format is the documented safetensors one: u64-LE header length, JSON header, data.
+
+The writer starts the kernel's writeback of each written range as it goes (``sync_file_range``
+on Linux), so the disk works while the next tensors are converted and the final ``fsync`` only
+waits for the tail instead of the whole file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
 import queue
 import struct
+import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +44,32 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+WRITEBACK_CHUNK = 32 * 1024 * 1024  # start writeback of every this many bytes written
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: initiate writeback of dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[..., int] | None:
+    """libc's ``sync_file_range`` (Linux only; the os module does not expose it), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to disk now, without
+    waiting. Purely a performance hint: durability still comes from the ``fsync`` at the end (this
+    call is a no-op where unavailable, and its errors are ignored: fsync reports real I/O errors)."""
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 class SafetensorsFormatError(ValueError):
@@ -124,38 +157,58 @@ class PlannedTensor:
         return n
 
 
-class _BackgroundSha256:
-    """sha256 on a helper thread (hashlib releases the GIL on large buffers), so hashing one tensor
-    overlaps reading and converting the next. At most one pending buffer: memory stays bounded."""
+class _Worker:
+    """Applies ``fn`` to buffers, in order, on a helper thread (file writes and hashlib release the
+    GIL), so writing and hashing one tensor overlap reading and converting the next. At most one
+    pending buffer: memory stays bounded. An exception in ``fn`` stops the work and is raised to the
+    caller by the next ``put`` or by ``finish``."""
 
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
+    def __init__(self, fn: Callable[[memoryview], object], name: str) -> None:
+        self._fn = fn
         self._q: queue.Queue = queue.Queue(maxsize=1)
-        self._t = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._t = threading.Thread(target=self._run, name=name, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
         while (item := self._q.get()) is not None:
-            self._h.update(item[1])
+            if self._error is None and not self._stopped:  # after either: drain, so put never blocks
+                try:
+                    self._fn(item[1])
+                except BaseException as e:  # handed to the caller by put() or finish()
+                    self._error = e
 
-    def update(self, keepalive: object, data: bytes | memoryview) -> None:
-        self._q.put((keepalive, data))  # keepalive: the tensor whose memory ``data`` views
+    def put(self, keepalive: object, data: memoryview) -> None:
+        """Queue ``data``; ``keepalive`` is the tensor whose memory it views."""
+        if self._error is not None:
+            raise self._error
+        self._q.put((keepalive, data))
 
-    def hexdigest(self) -> str:
+    def finish(self) -> None:
+        """Wait until everything queued is done; raise the first error."""
         self._q.put(None)
         self._t.join()
-        return self._h.hexdigest()
+        if self._error is not None:
+            raise self._error
 
     def abort(self) -> None:
+        """Skip what is still queued and wait for the buffer in progress (a write must not outlive
+        the file descriptor it writes to)."""
+        self._stopped = True
         if self._t.is_alive():
             self._q.put(None)
+            self._t.join()
 
 
 class StreamingWriter:
     """Writes a safetensors file whose tensors (names, shapes, dtypes, order) are known up front.
 
-    The header is written first; tensors must then be written in the planned order. The file's
-    sha256 is computed while writing. ``close`` checks every planned tensor was written.
+    The header is written first; tensors must then be written in the planned order. Each tensor's
+    own memory (no copy into a write buffer) goes to two helper threads: one writes it to the file
+    (unbuffered) and starts the kernel's writeback every ``WRITEBACK_CHUNK`` bytes, one feeds the
+    file's sha256. ``close`` checks every planned tensor was written, waits for both, and fsyncs
+    the file once.
     """
 
     def __init__(self, path: Path, plan: Iterable[PlannedTensor], metadata: dict[str, str] | None = None):
@@ -176,16 +229,30 @@ class StreamingWriter:
             off += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
-        self._sha = _BackgroundSha256()
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close() / abort()
+        self._h = hashlib.sha256()
+        self._sha = _Worker(self._h.update, "shard-sha256")
+        self._writer = _Worker(self._write_all, "shard-write")
+        self._written = 0  # writer thread only: bytes written so far
+        self._written_back = 0  # writer thread only: bytes [0, this) have had writeback started
         self.size = 0
-        self._emit(struct.pack("<Q", len(raw)) + raw, None)
+        self._emit(memoryview(struct.pack("<Q", len(raw)) + raw), None)
         self._next = 0
 
-    def _emit(self, data: bytes | memoryview, keepalive: object) -> None:
-        self._f.write(data)
-        self._sha.update(keepalive, data)
-        self.size += len(data)
+    def _write_all(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):  # a raw write may be short
+            done += self._f.write(view[done:])
+        self._written += done
+        if self._written - self._written_back >= WRITEBACK_CHUNK:
+            start_writeback(self._f.fileno(), self._written_back, self._written - self._written_back)
+            self._written_back = self._written
+
+    def _emit(self, data: memoryview, keepalive: object) -> None:
+        view = data.cast("B")
+        self._writer.put(keepalive, view)
+        self._sha.put(keepalive, view)
+        self.size += len(view)
 
     def write(self, name: str, t: torch.Tensor) -> None:
         if self._next >= len(self._plan):
@@ -201,18 +268,23 @@ class StreamingWriter:
         self._next += 1
 
     def close(self) -> str:
-        """Finish the file; returns its sha256 hex. Raises if tensors are missing."""
+        """Finish the file; returns its sha256 hex. Raises if tensors are missing or a write failed."""
         if self._next != len(self._plan):
-            self._sha.abort()
-            self._f.close()
+            self.abort()
             missing = self._plan[self._next].name
             raise SafetensorsFormatError(f"{self.path}: closed before writing {missing!r}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._writer.finish()
+            os.fsync(self._f.fileno())
+        except BaseException:
+            self.abort()
+            raise
         self._f.close()
-        return self._sha.hexdigest()
+        self._sha.finish()
+        return self._h.hexdigest()
 
     def abort(self) -> None:
+        self._writer.abort()
         self._sha.abort()
         if not self._f.closed:
             self._f.close()

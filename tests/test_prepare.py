@@ -115,6 +115,9 @@ def test_s3_source(tmp_path: Path, s3_env: str) -> None:
     res = prepare(PrepareRequest(source=f"{s3_env}/checkpoints/tiny", tp_degree=2, output=f"{s3_env}/store"))
     man = _verify_by_download(res.manifest_uri, tmp_path)
     assert man.source["uri"] == f"{s3_env}/checkpoints/tiny" and man.source["kind"] == "s3"
+    # the digests come from the download (it hashes what it writes), not from a second pass
+    for f in man.source["files"]:
+        assert f["sha256"] == _sha(tmp_path / "ckpt" / f["path"]), f["path"]
 
 
 def test_cancel_midway_leaves_no_manifest(tmp_path: Path, store_uri: str) -> None:
@@ -414,3 +417,155 @@ def test_peak_rss_under_1gb_for_a_1_5gb_checkpoint(tmp_path: Path) -> None:
     peak_kb = int(out.stdout.split("PEAK_RSS_KB")[-1].split()[0])
     print(f"checkpoint {size / 1e9:.2f} GB, peak RSS {peak_kb / 1024:.0f} MiB")
     assert peak_kb * 1024 < 1e9, f"peak RSS {peak_kb / 1024:.0f} MiB"
+
+
+# -------------------------------------------------------------------------------------------------
+# Source digests: remembered by file identity, computed alongside conversion, never stale.
+# -------------------------------------------------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_digest_cache_remembers_only_unchanged_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from prep_service.sources import digests
+
+    cache = digests.DigestCache(tmp_path / "cache")
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    assert cache.sha256(f) == _sha(f)
+    assert cache.lookup(f) is None  # modified within RACY_S of hashing: not remembered
+    monkeypatch.setattr(digests, "RACY_S", 0.0)
+    assert cache.sha256(f) == _sha(f) and cache.lookup(f) == _sha(f)
+    calls = []
+    monkeypatch.setattr(digests, "sha256_file", lambda p, on_bytes=None: calls.append(p) or "0" * 64)
+    assert cache.sha256(f) == _sha(f) and calls == []  # a hit reads nothing
+
+    # same size, same mtime, different bytes: ctime still gives it away
+    st = f.stat()
+    time.sleep(0.05)
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert cache.lookup(f) is None
+    # replaced by another file (new inode) of the same size
+    (tmp_path / "other.bin").write_bytes(b"a" * 1000)
+    os.replace(tmp_path / "other.bin", f)
+    assert cache.lookup(f) is None
+    assert digests.DigestCache(None).lookup(f) is None  # disabled
+
+
+def test_digest_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from prep_service.sources.digests import DigestCache
+
+    monkeypatch.setenv("NEURON_SERVE_DIGEST_CACHE", "off")
+    assert DigestCache.default().root is None
+    monkeypatch.setenv("NEURON_SERVE_DIGEST_CACHE", str(tmp_path / "c"))
+    assert DigestCache.default().root == tmp_path / "c"
+
+
+def test_second_preparation_reuses_source_digests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prep_service.sources import digests
+
+    make_llama(tmp_path / "ckpt")
+    monkeypatch.setenv("NEURON_SERVE_DIGEST_CACHE", str(tmp_path / "digests"))
+    monkeypatch.setattr(digests, "RACY_S", 0.0)
+    out = f"file://{tmp_path}/store"
+    a = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), output=out))
+    hashed: list[Path] = []
+    orig = digests.sha256_file
+    monkeypatch.setattr(
+        digests, "sha256_file", lambda p, on_bytes=None: hashed.append(p) or orig(p, on_bytes)
+    )
+    b = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), output=out, tp_degree=2))
+    assert hashed == [] and a.artifact_key != b.artifact_key
+    assert a.manifest["source"]["files"] == b.manifest["source"]["files"]
+    for f in b.manifest["source"]["files"]:
+        assert f["sha256"] == _sha(tmp_path / "ckpt" / f["path"]), f["path"]
+
+
+def test_artifact_key_names_the_artifact_directory(tmp_path: Path) -> None:
+    make_llama(tmp_path / "ckpt")
+    res = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), output=f"file://{tmp_path}/store"))
+    assert len(res.artifact_key) == 32 and int(res.artifact_key, 16) >= 0
+    assert res.manifest_uri.endswith(f"/{res.artifact_key}/manifest.json")
+    assert res.manifest["artifact_key"] == res.artifact_key
+
+
+@pytest.mark.parametrize("slow_hash", [False, True])
+def test_speculative_conversion_is_dropped_when_the_artifact_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow_hash: bool
+) -> None:
+    """Cold digests: conversion starts before the key is known; an existing artifact wins either
+    when the hash finishes mid-conversion or only after it, and nothing else is left behind."""
+    import time
+
+    from prep_service.sources import digests
+
+    monkeypatch.setenv("NEURON_SERVE_DIGEST_CACHE", "off")
+    make_llama(tmp_path / "ckpt", num_hidden_layers=4)
+    out = f"file://{tmp_path}/store"
+    first = prepare(PrepareRequest(source=str(tmp_path / "ckpt"), output=out, tp_degree=2))
+    before = sorted(p.relative_to(tmp_path / "store") for p in (tmp_path / "store").rglob("*"))
+    if slow_hash:
+        orig = digests.sha256_file
+
+        def slow(p: Path, on_bytes=None) -> str:
+            time.sleep(0.5)
+            return orig(p, on_bytes)
+
+        monkeypatch.setattr(digests, "sha256_file", slow)
+    stages: list[str] = []
+    again = prepare(
+        PrepareRequest(source=str(tmp_path / "ckpt"), output=out, tp_degree=2),
+        progress=lambda p: stages.append(p.stage),
+    )
+    assert again.reused and again.manifest_uri == first.manifest_uri and stages[-1] == "done"
+    if slow_hash:
+        assert "converting" in stages  # the speculation really ran
+    after = sorted(p.relative_to(tmp_path / "store") for p in (tmp_path / "store").rglob("*"))
+    assert after == before  # no staging left, nothing republished
+
+
+def test_torch_thread_count_restored(tmp_path: Path) -> None:
+    make_llama(tmp_path / "ckpt")
+    n = torch.get_num_threads()
+    prepare(PrepareRequest(source=str(tmp_path / "ckpt"), output=f"file://{tmp_path}/store"))
+    assert torch.get_num_threads() == n
+
+
+def test_streaming_writer_round_trip_with_writeback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writeback is started every few bytes; the file is still exactly what safetensors reads."""
+    import hashlib
+
+    from prep_service import st_io
+
+    monkeypatch.setattr(st_io, "WRITEBACK_CHUNK", 4096)
+    started: list[tuple[int, int]] = []
+    orig = st_io.start_writeback
+    monkeypatch.setattr(
+        st_io, "start_writeback", lambda fd, off, n: started.append((off, n)) or orig(fd, off, n)
+    )
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(100, 33, generator=g),
+        "b": torch.randint(-128, 127, (7, 5), dtype=torch.int8, generator=g),
+        "c": torch.randn(64, 64, generator=g).to(torch.bfloat16).t(),  # non-contiguous
+        "empty": torch.empty(0, 3),
+    }
+    plan = [st_io.PlannedTensor(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    w = st_io.StreamingWriter(tmp_path / "x.safetensors", plan, metadata={"format": "pt"})
+    for k, t in tensors.items():
+        w.write(k, t)
+    digest = w.close()
+    assert digest == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    assert w.size == (tmp_path / "x.safetensors").stat().st_size
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], t) for k, t in tensors.items())
+    assert started and all(n > 0 for _, n in started)
+    assert [off for off, _ in started] == sorted(off for off, _ in started)

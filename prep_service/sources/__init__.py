@@ -34,6 +34,8 @@ class ResolvedSource:
     identity: str | None = None
     # Files whose sha256 identifies the source (default: every file under root that is used).
     hashed_files: list[Path] = field(default_factory=list)
+    # sha256 of files already known from fetching them (an s3 download hashes what it writes).
+    digests: dict[Path, str] = field(default_factory=dict)
     _cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -137,12 +139,15 @@ def _from_s3(uri: str, workdir: Path, on_stage: Callable[[str], None]) -> Resolv
     wanted = (*WEIGHT_PATTERNS, *PICKLE_PATTERNS, *META_PATTERNS)
     try:
         objects = store.list("")
+        digests: dict[Path, str] = {}
         got = 0
         for obj in objects:
             if "/" in obj.key or not any(Path(obj.key).match(p) for p in wanted):
                 continue  # only the checkpoint's top level, only relevant files
-            store.download_file(obj.key, dest / obj.key)
+            info = store.download_file(obj.key, dest / obj.key)
             got += 1
+            if info.sha256 is not None:
+                digests[dest / obj.key] = info.sha256
     except StoreError as e:
         raise PrepError(f"download from {uri} failed: {e}") from None
     if not got:
@@ -152,6 +157,7 @@ def _from_s3(uri: str, workdir: Path, on_stage: Callable[[str], None]) -> Resolv
         kind="s3",
         root=dest,
         name=_sanitize_name(uri.rstrip("/").rsplit("/", 1)[-1]),
+        digests=digests,
         _cleanup=[lambda: shutil.rmtree(dest, ignore_errors=True)],
     )
 

@@ -8,11 +8,14 @@ Rows per batch: ``int8`` (attention + MLP int8, LM head fp32), ``int8+head`` (``
 too), ``fp32`` (oneDNN prepacked fp32 linears) and ``transformers fp32``. Decode tok/s = B x (N - 1)
 / (last token - first token) as in ``bench.decode``; ratios are to our fp32 and to transformers in
 the same run. Also the step's linears alone (kernel ceiling) for int8pack vs fp32 oneDNN.
+``--compile`` adds the int8 engines under ``torch.compile`` (Inductor fuses the ~1000 small eager ops
+of a step; the int8 kernel stays an extern call).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -54,6 +57,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="add torch.compile'd int8 rows (Inductor; 1-3 min cold per graph here: set TORCHINDUCTOR_CACHE_DIR)",
+    )
     args = ap.parse_args()
 
     from exec_service.engine import Engine, RuntimeConfig
@@ -66,11 +74,17 @@ def main() -> None:
     hf = hf_model("float32")
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
+        seq = -(-(args.prompt + args.new) // args.prompt) * args.prompt  # a multiple of the prefill bucket
+        # one KV bucket: a prefill and a decode graph per engine (fewer graphs to compile)
         cfg = RuntimeConfig(
-            max_batch_size=b, max_seq_len=args.prompt + args.new, context_buckets=(args.prompt,)
+            max_batch_size=b, max_seq_len=seq, context_buckets=(args.prompt,), kv_buckets=(seq,)
         )
         prompts = [prompt_ids(args.prompt, seed=i) for i in range(b)]
         engines = {name: Engine.from_manifest(uri, cfg) for name, uri in uris.items()}
+        if args.compile:
+            compiled = dataclasses.replace(cfg, compile=True)
+            engines["int8 compiled"] = Engine.from_manifest(uris["int8"], compiled)
+            engines["int8+head compiled"] = Engine.from_manifest(uris["int8+head"], compiled)
         try:
             for eng in engines.values():
                 run_ours(eng, prompts[:1], 4)  # warm-up

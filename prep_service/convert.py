@@ -40,9 +40,9 @@ from prep_service.st_io import (
 )
 from shared.families import Family, ParamRule, UnsupportedModel, family_for_config
 from shared.families.base import Architecture
-from shared.layout import SCALE_SUFFIX, LayoutError, Target, canonical_shape, make_target, shard
+from shared.layout import LayoutError, Target, canonical_shape, make_target, shard
 from shared.manifest import HF_SIDE_FILES, MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, shard_path
-from shared.quantize import quantizable, quantize_int8
+from shared.quantize import canonical_tensors
 from shared.storage import ObjectExists, ObjectStore, StoreError, open_store
 
 log = logging.getLogger("neuron_serve.prep")
@@ -241,14 +241,9 @@ def _converted(
     rule: ParamRule, tensors: Mapping[str, torch.Tensor], target: Target
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The canonical tensor(s) of one rule in the target dtype: the tensor itself, or for a quantized
-    weight its int8 values and its ``_scale``."""
-    t = _cast(rule.build(tensors), DTYPES[target.dtype])
-    if target.quantization == "int8" and quantizable(rule.name, target.quantized_lm_head):
-        q, scale = quantize_int8(t)
-        yield rule.name, q
-        yield rule.name + SCALE_SUFFIX, scale
-    else:
-        yield rule.name, t
+    weight its int8 values and its ``_scale`` (``shared.quantize.canonical_tensors``, which the exec
+    side's in-process conversion uses too)."""
+    yield from canonical_tensors(rule.name, _cast(rule.build(tensors), DTYPES[target.dtype]), target)
 
 
 def validate(

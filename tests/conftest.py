@@ -58,10 +58,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own default store; HF stays offline in a throwaway HF_HOME."""
+    """Each test gets its own default store; HF stays offline in a throwaway HF_HOME; the source
+    digest cache lives in the session's temp dir."""
     monkeypatch.setenv("NEURON_SERVE_STORE", (tmp_path / "default-store").as_uri())
     monkeypatch.setenv("HF_HOME", str(_session_tmp() / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # prep's source-digest cache: one per session, never the user's ~/.cache
+    monkeypatch.setenv("NEURON_SERVE_DIGEST_CACHE", str(_session_tmp() / "source-sha256"))
 
 
 # ==================================================================================================

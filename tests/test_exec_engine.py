@@ -271,3 +271,48 @@ def test_slot_accounting_under_random_adds_and_aborts(engine) -> None:
             if out.finish_reason is not None:
                 live.discard(out.request_id)
     assert not live and engine.free_slots == CONFIG.max_batch_size and engine.num_waiting == 0
+
+
+def test_greedy_decode_graph_choice(model, reference) -> None:
+    """All-greedy batches decode through the greedy graph variant (chosen on the host), with the same
+    tokens as the full sampler; a request that asks for logprobs or has penalties in the batch puts
+    the step back on the full graph, and still gets its logprobs."""
+    import dataclasses
+
+    from exec_service.runtime.graphs import DECODE
+
+    with Engine(source_from_hf(model), CONFIG) as eng:
+        used = []
+        run = eng.executor.run
+        eng.executor.run = lambda spec, inputs: used.append(spec) or run(spec, inputs)
+        res = eng.generate([greedy(prompt=p) for p in PROMPTS])
+        assert [toks for toks, _ in res.values()] == reference
+        decodes = [s for s in used if s.kind == DECODE]
+        assert decodes and all(s.greedy for s in decodes)
+        # min_new_tokens suppression in the greedy graph = in the full one
+        crit = StoppingCriteria(max_new_tokens=12, min_new_tokens=12)
+        suppressed = eng.generate([Request(p, stopping=crit) for p in PROMPTS])
+
+        used.clear()
+        until_n = StoppingCriteria(max_new_tokens=N, ignore_eos=True)
+        lp = Request(PROMPTS[1], SamplingParams(logprobs=True, top_logprobs=3), until_n)
+        pen = Request(PROMPTS[2], SamplingParams(repetition_penalty=1.3), until_n)
+        ids = [eng.add_request(r) for r in (greedy(prompt=PROMPTS[0]), lp)]
+        outs = []
+        while eng.has_unfinished():
+            outs += eng.step()
+        assert used and not any(s.greedy for s in used)  # a logprobs row keeps the batch on the full graph
+        lps = [lp for o in outs if o.request_id == ids[1] for lp in o.logprobs]
+        assert len(lps) == N and all(len(x.top) == 3 and x.top[0][0] == x.token_id for x in lps)
+        assert [t for o in outs if o.request_id == ids[0] for t in o.new_token_ids] == reference[0]
+        ((pen_toks, _),) = eng.generate([pen]).values()
+
+    with Engine(source_from_hf(model), dataclasses.replace(CONFIG, greedy_graphs=False)) as eng:
+        used.clear()
+        run_full = eng.executor.run
+        eng.executor.run = lambda spec, inputs: used.append(spec) or run_full(spec, inputs)
+        res_full = eng.generate([Request(p, stopping=crit) for p in PROMPTS])
+        assert used and not any(s.greedy for s in used)
+        assert list(res_full.values()) == list(suppressed.values())
+        ((pen_full, _),) = eng.generate([pen]).values()
+    assert pen_toks == pen_full  # penalties: the full graph either way

@@ -23,6 +23,7 @@ def test_graph_set_and_distinct_signatures() -> None:
     assert names == {
         "ctx_b1_s8_k16", "ctx_b1_s32_k32", "ctx_b1_s8_k64", "ctx_b1_s32_k64",
         "tkg_b2_s1_k16", "tkg_b2_s1_k32", "tkg_b2_s1_k64",
+        "tkg_b2_s1_k16_greedy", "tkg_b2_s1_k32_greedy", "tkg_b2_s1_k64_greedy",
     }  # fmt: skip
     sigs = [s.input_shapes() for s in specs]
     assert len(set(sigs)) == len(sigs)  # NxD routes by input shapes alone
@@ -51,10 +52,12 @@ def test_every_graph_exports_at_every_bucket() -> None:
     assert {s.kind for s in specs} == {CONTEXT, DECODE}
     for spec in specs:
         ep = torch.export.export(runner.graphs[spec], example_inputs(spec), strict=False)
-        assert len(ep.graph_signature.user_outputs) == 4, spec.name
-        if spec.name in ("ctx_b1_s8_k16", "tkg_b2_s1_k64"):  # functionalized: the cache is aliased state
+        assert len(ep.graph_signature.user_outputs) == (1 if spec.greedy else 4), spec.name
+        if spec.name in ("ctx_b1_s8_k16", "tkg_b2_s1_k64", "tkg_b2_s1_k64_greedy"):
+            # functionalized: the cache is aliased state (the greedy graph leaves the counts alone)
             mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
-            assert mutated == {"cache.k0", "cache.v0", "cache.k1", "cache.v1", "counts.counts"}, spec.name
+            counts = set() if spec.greedy else {"counts.counts"}
+            assert mutated == {"cache.k0", "cache.v0", "cache.k1", "cache.v1", *counts}, spec.name
             # the exported program computes what the eager graph does
             runner.cache.reset()
             want = runner.run(spec, example_inputs(spec))
@@ -224,3 +227,68 @@ def test_backends() -> None:
             get_backend("cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         get_backend("tpu")
+
+
+# ---- the greedy decode variant ---------------------------------------------------------------------
+
+
+def test_greedy_graph_equals_full_graph() -> None:
+    """tkg_*_greedy (argmax after the suppressed ids) picks what the full sampler picks for greedy
+    rows with neutral penalties, leaves the token counts alone, and has its own input signature."""
+    from exec_service.runtime.graphs import GraphSpec, make_mask
+    from exec_service.runtime.sampling import NEUTRAL_PARAMS
+
+    rc = RuntimeConfig(max_batch_size=3, max_seq_len=32, context_buckets=(8,), return_logits=True)
+    src = source_from_hf(tiny_hf(seed=5))
+    runner = Runner(src.arch, src.target, src.load(0), rc)
+    m = rc.max_suppressed_ids
+    full = GraphSpec(DECODE, 3, 1, 32, m)
+    fast = GraphSpec(DECODE, 3, 1, 32, m, greedy=True)
+    assert fast in rc.graph_specs() and fast.input_shapes() != full.input_shapes()
+    torch.manual_seed(0)
+    ids = torch.randint(0, src.arch.vocab_size, (3, 1))
+    pos = torch.tensor([[3], [17], [0]])
+    sup = torch.full((3, m), -1)
+    head = (ids, pos, torch.arange(3), make_mask(pos, 32), torch.zeros(3, dtype=torch.int64))
+    params = torch.tensor([NEUTRAL_PARAMS] * 3)
+    want = runner.run(full, (*head, params, torch.rand(3), sup))
+    counts = runner.counts.counts.clone()
+    got = runner.run(fast, (*head, sup))
+    assert len(got) == 2 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[4])
+    assert torch.equal(got[0], want[4].argmax(-1))
+    assert torch.equal(runner.counts.counts, counts)  # no counts update
+    # suppressed ids (min_new_tokens) are never chosen; -1 and repeats are harmless
+    sup[0, :3] = torch.tensor([int(want[0][0]), -1, int(want[0][0])])
+    sup[1, 0] = int(want[0][1])
+    want = runner.run(full, (*head, params, torch.rand(3), sup))
+    got = runner.run(fast, (*head, sup))
+    assert torch.equal(got[0], want[0]) and int(got[0][0]) != int(sup[0, 0])
+    assert torch.equal(got[0][2:], want[0][2:])  # an unsuppressed row is unchanged
+    second = want[4][0].clone()
+    second[sup[0, 0]] = float("-inf")
+    assert int(got[0][0]) == int(second.argmax())
+
+
+def test_greedy_tokens_merge_ranks() -> None:
+    """Under tp each rank takes its shard's best (suppressed ids removed) and the ranks merge."""
+    from exec_service.runtime.sampling import greedy_tokens
+
+    class TwoRanks:  # what torch.distributed would return for ranks 0 and 1, rank 0's view
+        tp = 2
+
+        def __init__(self, other: torch.Tensor) -> None:
+            self.other = other
+
+        def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([x, self.other.pop(0)], dim)
+
+    torch.manual_seed(3)
+    logits = torch.randn(4, 20)  # the full vocab; rank r holds [10 r, 10 r + 10)
+    sup = torch.full((4, 2), -1)
+    sup[1, 0] = int(logits[1].argmax())
+    want = logits.clone()
+    want[1, sup[1, 0]] = float("-inf")
+    hi = want[:, 10:]  # rank 1's shard
+    other = [hi.max(-1, keepdim=True).values, hi.argmax(-1, keepdim=True) + 10]
+    got = greedy_tokens(logits[:, :10].clone(), sup, torch.zeros(1, dtype=torch.int64), TwoRanks(other))
+    assert torch.equal(got, want.argmax(-1))

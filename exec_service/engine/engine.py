@@ -77,6 +77,8 @@ class Engine:
         self._free: list[int] = list(range(self.config.max_batch_size))
         self._aborted: list[str] = []
         self._ids = itertools.count()
+        # greedy decode graphs: tp = 1 only (the TP executor's step header carries no variant)
+        self._greedy_ok = config.greedy_graphs and self.tp == 1
 
     @classmethod
     def from_manifest(cls, manifest_uri: str, config: RuntimeConfig | None = None, **kw) -> Engine:
@@ -273,6 +275,8 @@ class Engine:
         if not running:
             return done
         b = self.config.max_batch_size
+        # a host-side choice between two static graphs (never a branch inside one)
+        greedy = self._greedy_ok and all(_plain_greedy(seq.request.sampling) for seq in running.values())
         ids = torch.zeros(b, 1, dtype=torch.int64)
         pos = torch.zeros(b, 1, dtype=torch.int64)  # unused slots: padding rows at position 0 of their slot
         params = torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
@@ -281,25 +285,15 @@ class Engine:
         for slot, seq in running.items():
             ids[slot, 0] = seq.generated[-1]
             pos[slot, 0] = seq.total_len - 1
-            params[slot] = torch.tensor(seq.request.sampling.as_row())
-            uni[slot] = self._uniform(seq)
             sup[slot] = self._suppress_row(seq)
+            if not greedy:  # a greedy row draws nothing: its uniforms would never be read
+                params[slot] = torch.tensor(seq.request.sampling.as_row())
+                uni[slot] = self._uniform(seq)
         kv = kv_bucket(self.config.kv_buckets, int(pos.max()) + 1)
-        spec = GraphSpec(DECODE, b, 1, kv, self.config.max_suppressed_ids)
+        spec = GraphSpec(DECODE, b, 1, kv, self.config.max_suppressed_ids, greedy=greedy)
         slots = torch.arange(b, dtype=torch.int64)
-        out = self.executor.run(
-            spec,
-            (
-                ids,
-                pos,
-                slots,
-                make_mask(pos, spec.kv_len),
-                torch.zeros(b, dtype=torch.int64),
-                params,
-                uni,
-                sup,
-            ),
-        )
+        head = (ids, pos, slots, make_mask(pos, spec.kv_len), torch.zeros(b, dtype=torch.int64))
+        out = self.executor.run(spec, (*head, sup) if greedy else (*head, params, uni, sup))
         for slot, seq in running.items():
             self._accept(seq, out, slot, pending.setdefault(seq.request_id, _Pending()))
             if seq.finish is not None:
@@ -307,6 +301,8 @@ class Engine:
         return done
 
     def _accept(self, seq: _Seq, out: tuple[torch.Tensor, ...], row: int, pending: _Pending) -> None:
+        """``out``: (tokens, logprob, top_ids, top_logprobs[, logits]) of a full graph, or
+        (tokens[, logits]) of a greedy one (only run when no row wants logprobs)."""
         tok = int(out[0][row])
         seq.generated.append(tok)
         pending.tokens.append(tok)
@@ -316,7 +312,7 @@ class Engine:
             top = tuple(zip(out[2][row, :n].tolist(), out[3][row, :n].tolist(), strict=True))
             pending.logprobs.append(TokenLogprob(tok, float(out[1][row]), top))
         if self.config.return_logits:
-            pending.logits.append(out[4][row].clone())
+            pending.logits.append(out[-1][row].clone())
         stop = seq.request.stopping
         if tok in stop.stop_token_ids:
             seq.finish = FinishReason.STOP_TOKEN
@@ -341,6 +337,17 @@ class Engine:
 
 
 assert len(SamplingParams().as_row()) == NUM_PARAMS
+
+
+def _plain_greedy(sp: SamplingParams) -> bool:
+    """Greedy, neutral penalties, no logprobs: what the greedy decode graph computes exactly."""
+    return (
+        sp.temperature <= 0.0
+        and sp.repetition_penalty == 1.0
+        and sp.presence_penalty == 0.0
+        and sp.frequency_penalty == 0.0
+        and not sp.logprobs
+    )
 
 
 def _longrope_switch_len(arch, config: RuntimeConfig) -> int | None:

@@ -33,8 +33,16 @@ from shared.layout import Target
 class KVStore(Protocol):
     """What attention needs from the KV cache (``exec_service.runtime.kv_cache.KVCache``)."""
 
+    def write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None: ...
+
     def write(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        index: torch.Tensor | None = None,
     ) -> None: ...
 
     def read(
@@ -53,10 +61,21 @@ _ACTS = {
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype."""
     dtype = x.dtype
+    if dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        # one call to torch's composite (pow, mean, add, rsqrt, mul, mul: transformers' ops in the
+        # same order, so bit-identical in fp32) instead of ~8 Python-dispatched ops
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h = h.to(dtype)
     return h if weight is None else weight * h
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S, K] bool (True = may attend) -> [B, 1, S, K] 0 / -inf, what SDPA adds to the scores
+    (built once per step rather than converted by SDPA in every layer)."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask, float("-inf"))[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +118,10 @@ class Attention(nn.Module):
             self.qk_norm = "none"
         self.temperature_tuning = arch.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = arch.floor_scale, arch.attn_scale
+        # nothing between the projection and RoPE: rotate q and k heads together, in one set of ops
+        self.rope_qk_together = self.use_rope and self.qk_norm == "none"
+        # the mask is plain causal whenever K == S (see ``forward``) unless windows or chunks cut it
+        self.may_be_causal = arch.sliding_window is None and layer not in arch.chunked_layers
 
     def _norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qk_norm == "rms":
@@ -110,46 +133,51 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, S, hidden]
-        cos: torch.Tensor,  # [B, 1, S, D]
-        sin: torch.Tensor,
+        cos: torch.Tensor,  # [B, S, 1, R] (DecoderModel.rotary)
+        sin: torch.Tensor,  # [B, S, 1, R], sign-folded (rope.fold_sign)
         positions: torch.Tensor,  # [B, S]
         slots: torch.Tensor,  # [B]
-        mask: torch.Tensor,  # [B, S, K] bool: True = may attend
+        mask: torch.Tensor,  # [B, S, K] bool (True = may attend) or [B, 1, S, K] additive (0 / -inf)
         cache: KVStore,
         gather_slots: bool,
+        kv_index: torch.Tensor | None = None,  # cache.write_index(slots, positions), once per step
     ) -> torch.Tensor:
         b, s, _ = x.shape
         h, kv, d = self.h, self.kv, self.d
-        q, k, v = self.qkv(x).split([h * d, kv * d, kv * d], dim=-1)
-        q = q.view(b, s, h, d).transpose(1, 2)  # [B, H_r, S, D]
-        k = k.view(b, s, kv, d).transpose(1, 2)  # [B, KV_r, S, D]
-        v = v.view(b, s, kv, d).transpose(1, 2)
-        if self.qk_norm_before_rope:
-            q, k = self._norm(q, k)
-        if self.use_rope:
-            q, k = rope_mod.apply(q, cos, sin), rope_mod.apply(k, cos, sin)
-        if not self.qk_norm_before_rope:
-            q, k = self._norm(q, k)
+        qkv = self.qkv(x).view(b, s, h + 2 * kv, d)  # heads stay in [B, S, heads, D] until attention
+        v = qkv[:, :, h + kv :]  # [B, S, KV_r, D]
+        if self.rope_qk_together:
+            qk = rope_mod.apply(qkv[:, :, : h + kv], cos, sin)  # [B, S, H_r + KV_r, D]
+            q, k = qk[:, :, :h], qk[:, :, h:]
+        else:
+            q, k = qkv[:, :, :h], qkv[:, :, h : h + kv]
+            if self.qk_norm_before_rope:
+                q, k = self._norm(q, k)
+            if self.use_rope:
+                q, k = rope_mod.apply(q, cos, sin), rope_mod.apply(k, cos, sin)
+            if not self.qk_norm_before_rope:
+                q, k = self._norm(q, k)
         if self.temperature_tuning:  # q *= log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1 (fp32)
             t = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
-            q = (q * t[:, None, :, None]).to(q.dtype)  # [B, H_r, S, D] * [B, 1, S, 1]
-        cache.write(self.layer, k, v, slots, positions)
-        kc, vc = cache.read(self.layer, mask.shape[-1], slots if gather_slots else None)  # [B, KV_r, K, D]
-        if s > 1:  # context encoding: SDPA's fused CPU kernel (no [.., S, K] scores/mask passes)
+            q = (q * t[:, :, None, None]).to(q.dtype)  # [B, S, H_r, D] * [B, S, 1, 1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D] views
+        cache.write(self.layer, k, v, slots, positions, kv_index)
+        kv_len = mask.shape[-1]
+        kc, vc = cache.read(self.layer, kv_len, slots if gather_slots else None)  # [B, KV_r, K, D]
+        # SDPA's fused CPU kernel for prefill and decode alike: one op instead of two matmuls, scale,
+        # mask and softmax (each its own OpenMP region). K == S only for a first chunk (positions
+        # 0..S-1 in a KV bucket of exactly S), whose mask is causal: ``is_causal`` lets the flash
+        # kernel skip the blocks above the diagonal. A static (shape) choice, not a data-dependent one.
+        if s == kv_len and self.may_be_causal:
             out = F.scaled_dot_product_attention(
-                q, kc, vc, attn_mask=mask[:, None], scale=self.scale, enable_gqa=self.group > 1
+                q, kc, vc, is_causal=True, scale=self.scale, enable_gqa=self.group > 1
+            )
+        else:
+            bias = additive_mask(mask, q.dtype) if mask.dtype == torch.bool else mask
+            out = F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=bias, scale=self.scale, enable_gqa=self.group > 1
             )  # [B, H_r, S, D]
-            return self.o(out.transpose(1, 2).reshape(b, s, h * d))
-        g = self.group
-        # q heads grouped by their kv head as G*S rows of one matrix per kv head: a plain batched
-        # matmul against the cache view (broadcasting kc over G would copy the whole KV bucket)
-        qg = q.reshape(b, kv, g * s, d)
-        scores = torch.matmul(qg, kc.transpose(-1, -2)).view(b, kv, g, s, -1) * self.scale  # [B, KV_r, G, S, K]
-        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs.view(b, kv, g * s, -1), vc)  # [B, KV_r, G*S, D]
-        out = out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
-        return self.o(out)
+        return self.o(out.transpose(1, 2).reshape(b, s, h * d))
 
 
 class MLP(nn.Module):
@@ -157,7 +185,9 @@ class MLP(nn.Module):
         super().__init__()
         i = target.intermediate_per_rank
         int8 = target.quantization is not None
-        self.gate_up = ColumnParallelLinear(arch.hidden_size, 2 * i, arch.mlp_bias, dtype, int8)  # [gate_r; up_r]
+        self.gate_up = ColumnParallelLinear(
+            arch.hidden_size, 2 * i, arch.mlp_bias, dtype, int8
+        )  # [gate_r; up_r]
         self.down = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, dtype, comm, int8)
         self.act = _ACTS[arch.hidden_act]
 
@@ -180,8 +210,10 @@ class DecoderLayer(nn.Module):
         self.residual_multiplier = arch.residual_multiplier
         self.chunked = layer in arch.chunked_layers  # picks the chunked mask (see DecoderModel.masks)
 
-    def forward(self, x, cos, sin, positions, slots, mask, cache, gather_slots: bool) -> torch.Tensor:
-        a = self.attn(self.input_norm(x), cos, sin, positions, slots, mask, cache, gather_slots)
+    def forward(
+        self, x, cos, sin, positions, slots, mask, cache, gather_slots: bool, kv_index=None
+    ) -> torch.Tensor:
+        a = self.attn(self.input_norm(x), cos, sin, positions, slots, mask, cache, gather_slots, kv_index)
         x = x + (a * self.residual_multiplier if self.residual_multiplier != 1.0 else a)
         h = self.post_attn_norm(x)
         m = self.mlp(h) if self.moe is None else self.moe(h)
@@ -238,17 +270,17 @@ class DecoderModel(nn.Module):
     def rotary(
         self, positions: torch.Tensor, last_idx: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, S, R]. longrope: a row whose sequence length (position of its last real
+        """cos, sign-folded sin (``rope.fold_sign``) [B, S, 1, R]. longrope: a row whose sequence length (position of its last real
         token + 1) exceeds original_max_position_embeddings uses the long table, else the short one
         (transformers' choice from max(position_ids) + 1, made per row by a tensor condition)."""
         cos, sin = rope_mod.cos_sin(positions, self.inv_freq, dtype, self.rope_scaling)
-        if not self.longrope:
-            return cos, sin
-        cos_l, sin_l = rope_mod.cos_sin(positions, self.inv_freq_long, dtype, self.rope_scaling)
-        last = last_idx.view(positions.shape[0], -1)[:, -1:]  # [B, 1] (the last selected token)
-        seq_len = positions.gather(1, last) + 1  # [B, 1]
-        long = (seq_len > self.rope_original_max).view(-1, 1, 1, 1)
-        return torch.where(long, cos_l, cos), torch.where(long, sin_l, sin)
+        if self.longrope:
+            cos_l, sin_l = rope_mod.cos_sin(positions, self.inv_freq_long, dtype, self.rope_scaling)
+            last = last_idx.view(positions.shape[0], -1)[:, -1:]  # [B, 1] (the last selected token)
+            seq_len = positions.gather(1, last) + 1  # [B, 1]
+            long = (seq_len > self.rope_original_max).view(-1, 1, 1, 1)
+            cos, sin = torch.where(long, cos_l, cos), torch.where(long, sin_l, sin)
+        return cos, rope_mod.fold_sign(sin)
 
     def masks(self, positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(full, chunked) [B, S, K] bool from the causal ``mask``. Cache index j holds position j of
@@ -285,16 +317,27 @@ class DecoderModel(nn.Module):
             x = x * self.arch.embedding_multiplier
         cos, sin = self.rotary(positions, last_idx, x.dtype)
         full, chunked = self.masks(positions, mask)
+        # per step, not per layer: the additive masks and the cache's scatter index
+        same = chunked is full
+        full = additive_mask(full, x.dtype)
+        chunked = full if same else additive_mask(chunked, x.dtype)
+        kv_index = cache.write_index(slots, positions)
         for layer in self.layers:
             m = chunked if layer.chunked else full
-            x = layer(x, cos, sin, positions, slots, m, cache, gather_slots)
-        idx = last_idx.view(x.shape[0], -1, 1).expand(-1, -1, x.shape[-1])  # [B, N, hidden]
-        x = self.norm(x.gather(1, idx))
+            x = layer(x, cos, sin, positions, slots, m, cache, gather_slots, kv_index)
+        if x.shape[1] > 1 or last_idx.dim() > 1:  # decode: the one row is the selected one
+            idx = last_idx.view(x.shape[0], -1, 1).expand(-1, -1, x.shape[-1])  # [B, N, hidden]
+            x = x.gather(1, idx)
+        x = self.norm(x)
         if last_idx.dim() == 1:
             x = x[:, 0]  # [B, hidden]
         w = self.embed.weight if self.tied_lm_head else None
-        logits = self.lm_head(x, w).float()  # [B, V_r] (or [B, N, V_r])
+        logits = self.lm_head(x, w)  # [B, V_r] (or [B, N, V_r])
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if self.arch.logits_scaling != 1.0:
             logits = logits / self.arch.logits_scaling
+        if self.target.vocab_size_padded == self.arch.vocab_size:  # no padded entries on any rank
+            return logits
         gid = self.vocab_offset() + torch.arange(self.vocab_per_rank, device=logits.device)
         return logits.masked_fill((gid >= self.arch.vocab_size)[None], float("-inf"))

@@ -112,24 +112,28 @@ def check_supported(arch: Architecture) -> None:
 def cos_sin(
     positions: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, S] -> cos, sin [B, 1, S, R] (R = rotary dim; broadcast over heads)."""
+    """positions [B, S] -> cos, sin [B, S, 1, R] (R = rotary dim; broadcast over the heads of a
+    [B, S, H, D] tensor)."""
     f = positions[..., None].float() * freq.float()  # [B, S, R/2]
     emb = torch.cat((f, f), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     if scaling != 1.0:
         cos, sin = cos * scaling, sin * scaling
-    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def fold_sign(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., R] -> [-sin[:R/2], sin[R/2:]]: rotate_half's negation moved into the table, once per
+    step, so ``apply`` needs only a half swap. Exact: (-a) * b == a * (-b) in IEEE arithmetic."""
+    h = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
 
 
-def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, D]; cos/sin [B, 1, S, R] with R <= D: the first R features rotate, the rest pass."""
+def apply(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D]; cos / ``fold_sign``-ed sin [B, S, 1, R] with R <= D: the first R features
+    rotate, the rest pass. Bit-identical to transformers' x * cos + rotate_half(x) * sin."""
     r = cos.shape[-1]
     if r == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + torch.roll(x, r // 2, -1) * sin_folded
     rot, rest = x[..., :r], x[..., r:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + torch.roll(rot, r // 2, -1) * sin_folded, rest), dim=-1)

@@ -9,7 +9,12 @@ Every graph is ONE pure function of its tensor inputs (plus the cache / count bu
 * context encoding ``ctx`` (B=1, S=context bucket >= 2, K=KV bucket >= start+S): prefill one slot,
   possibly one chunk of a longer prompt, attending to that slot's cache prefix [:K];
 * token generation ``tkg`` (B=max_batch, S=1, K=KV bucket): one token for every slot (row b is slot b;
-  rows of unused slots are padding and write only to their own, unused, slot).
+  rows of unused slots are padding and write only to their own, unused, slot);
+* greedy token generation ``tkg_..._greedy``: the same step for a batch whose every row is greedy
+  with neutral penalties and wants no logprobs (the host picks it, ``engine._decode``). Its sampler
+  is one argmax after the suppressed ids (no penalties, no candidate top-k, no logsumexps, no token
+  counts update: ~15 fewer full-vocab passes per step). It takes no params / uniforms inputs, so its
+  input signature (6 inputs) differs from the full graph's (8) and returns ``(tokens[, logits])``.
 
 The mask's K makes every (kind, S, K) a distinct input-shape signature; S >= 2 for context buckets
 keeps prefill and decode apart even at max_batch = 1.
@@ -24,7 +29,7 @@ from torch import nn
 
 from exec_service.model.decoder import DecoderModel
 from exec_service.runtime.kv_cache import KVCache
-from exec_service.runtime.sampling import NUM_PARAMS, TokenCounts, sample
+from exec_service.runtime.sampling import NUM_PARAMS, TokenCounts, greedy_tokens, sample
 
 CONTEXT = "ctx"
 DECODE = "tkg"
@@ -37,10 +42,13 @@ class GraphSpec:
     seq: int
     kv_len: int
     suppress: int = 1  # M: width of the per-row suppressed-ids input (RuntimeConfig.max_suppressed_ids)
+    greedy: bool = False  # the greedy-only sampler variant (token generation only; see above)
 
     def __post_init__(self) -> None:
         if self.kind not in (CONTEXT, DECODE):
             raise ValueError(f"unknown graph kind {self.kind!r}")
+        if self.greedy and self.kind != DECODE:
+            raise ValueError("only token-generation graphs have a greedy variant")
         if self.kind == DECODE and self.seq != 1:
             raise ValueError("a token-generation graph has seq 1")
         if self.kind == CONTEXT and (self.seq < 2 or self.batch != 1):
@@ -50,10 +58,13 @@ class GraphSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_b{self.batch}_s{self.seq}_k{self.kv_len}"
+        name = f"{self.kind}_b{self.batch}_s{self.seq}_k{self.kv_len}"
+        return f"{name}_greedy" if self.greedy else name
 
     def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         b, s, k = self.batch, self.seq, self.kv_len
+        if self.greedy:  # no params [B, NUM_PARAMS] / uniforms [B]
+            return ((b, s), (b, s), (b,), (b, s, k), (b,), (b, self.suppress))
         return ((b, s), (b, s), (b,), (b, s, k), (b,), (b, NUM_PARAMS), (b,), (b, self.suppress))
 
 
@@ -71,20 +82,27 @@ def example_inputs(spec: GraphSpec, device: torch.device | str = "cpu") -> tuple
     params = torch.zeros(b, NUM_PARAMS, device=device)
     params[:, 2] = 1.0  # top_p
     params[:, 4] = 1.0  # repetition_penalty
-    return (
+    head = (
         ids,
         pos,
         torch.arange(b, dtype=torch.int64, device=device),
         make_mask(pos, k),
         torch.full((b,), s - 1, dtype=torch.int64, device=device),
-        params,
-        torch.zeros(b, device=device),
-        torch.full((b, spec.suppress), -1, dtype=torch.int64, device=device),
     )
+    suppress = torch.full((b, spec.suppress), -1, dtype=torch.int64, device=device)
+    if spec.greedy:
+        return (*head, suppress)
+    return (*head, params, torch.zeros(b, device=device), suppress)
 
 
 class StepGraph(nn.Module):
-    """One static-shape graph over a shared model, KV cache and token counts."""
+    """One static-shape graph over a shared model, KV cache and token counts. A greedy spec builds
+    a ``GreedyStepGraph`` (same constructor; its own forward signature)."""
+
+    def __new__(cls, model: DecoderModel, cache: KVCache, counts: TokenCounts, spec: GraphSpec, *a, **kw):
+        if cls is StepGraph and spec.greedy:
+            cls = GreedyStepGraph
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -133,6 +151,29 @@ class StepGraph(nn.Module):
         return res
 
 
+class GreedyStepGraph(StepGraph):
+    """Token generation for an all-greedy batch with neutral penalties: argmax over the logits with
+    the suppressed ids masked. Token counts are not updated: only penalties read them, no row of
+    this batch has any, and a request's sampling params never change; a row with penalties only
+    ever runs in the full graphs, whose prefill from position 0 resets its slot's counts."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        last_idx: torch.Tensor,
+        suppress_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        logits = m(input_ids, positions, slots, mask, last_idx, self.cache, False)  # [B, V_r]
+        tokens = greedy_tokens(logits, suppress_ids, m.vocab_offset(), m.comm, self.return_logits)
+        if self.return_logits:
+            return tokens, m.comm.all_gather(logits, -1)[:, : m.arch.vocab_size]
+        return (tokens,)
+
+
 def graph_set(
     max_batch: int,
     max_seq_len: int,
@@ -141,7 +182,8 @@ def graph_set(
     suppress: int = 1,
 ) -> list[GraphSpec]:
     """Every graph the engine can call: ctx (S, K) for each chunk a prompt can be split into, and
-    tkg per KV bucket."""
+    tkg (full and greedy) per KV bucket. Graphs are built lazily (``Runner.fn``): an unused variant
+    costs nothing."""
     specs: set[GraphSpec] = set()
     largest = max(context_buckets)
     for start in range(0, max_seq_len, largest):
@@ -150,6 +192,7 @@ def graph_set(
                 specs.add(GraphSpec(CONTEXT, 1, s, kv_bucket(kv_buckets, start + s), suppress))
     for k in kv_buckets:
         specs.add(GraphSpec(DECODE, max_batch, 1, k, suppress))
+        specs.add(GraphSpec(DECODE, max_batch, 1, k, suppress, greedy=True))
     return sorted(specs)
 
 

@@ -2,7 +2,7 @@
 allocated once. A slot (row of dim 0) is one sequence.
 
 Graph code touches the cache only through ``write`` and ``read``, so a backend can change how the
-update happens: in place here (index_put_), an out-of-place scatter aliased to the input on Neuron.
+update happens: in place here (index_copy_), an out-of-place scatter aliased to the input on Neuron.
 """
 
 from __future__ import annotations
@@ -30,21 +30,37 @@ class KVCache(nn.Module):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Row of every (b, h, s) in the cache seen as [max_batch * KV_r * max_seq_len, D]: int64
+        [B * KV_r * S]. The same for every layer and for K and V: build it once per step."""
+        kv, seq = self.k0.shape[1], self.max_seq_len
+        heads = torch.arange(kv, device=slots.device)[None, :, None]  # [1, KV_r, 1]
+        return ((slots[:, None, None] * kv + heads) * seq + positions[:, None, :]).reshape(-1)
+
     def write(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        index: torch.Tensor | None = None,
     ) -> None:
-        """k, v [B, KV_r, S, D] go to cache[slots[b], :, positions[b, s]] (in place)."""
+        """k, v [B, KV_r, S, D] (any strides) go to cache[slots[b], :, positions[b, s]] (in place).
+        ``index``: ``write_index(slots, positions)`` when the caller already has it."""
         kc, vc = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
-        rows = slots[:, None].expand_as(positions)  # [B, S]
-        # advanced indices around a slice: the indexed value is laid out [B, S, KV_r, D]
-        kc[rows, :, positions] = k.transpose(1, 2).to(kc.dtype)
-        vc[rows, :, positions] = v.transpose(1, 2).to(vc.dtype)
+        if index is None:
+            index = self.write_index(slots, positions)
+        d = kc.shape[-1]
+        # one index_copy_ per tensor (an advanced-index assignment costs ~5x more dispatch here)
+        kc.view(-1, d).index_copy_(0, index, k.reshape(-1, d).to(kc.dtype))
+        vc.view(-1, d).index_copy_(0, index, v.reshape(-1, d).to(vc.dtype))
 
     def read(self, layer: int, kv_len: int, slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``kv_len`` positions: of every slot (rows == slots, decode) -> a view, or of
         ``slots`` (prefill) -> [len(slots), KV_r, kv_len, D]."""
         kc, vc = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
-        if slots is None:
+        if slots is None or (self.max_batch == 1 and slots.shape[0] == 1):  # the only slot is 0
             return kc[:, :, :kv_len], vc[:, :, :kv_len]
         return kc[:, :, :kv_len].index_select(0, slots), vc[:, :, :kv_len].index_select(0, slots)
 

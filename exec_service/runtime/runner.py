@@ -48,6 +48,9 @@ class RuntimeConfig:
     # cpu linear kernels: "onednn" = fp32 weights prepacked for oneDNN (~1.5-2x MKL's GEMV/small
     # GEMM here; eager only), "aten" = plain F.linear (MKL). Other dtypes/backends always use aten.
     cpu_linear: str = "onednn"
+    # decode steps whose every row is greedy with neutral penalties and no logprobs run the
+    # tkg_*_greedy graph (one argmax instead of the full sampler; engine, tp = 1 only)
+    greedy_graphs: bool = True
     # int8 artifacts (prepare --quantize int8): "auto" = "int8pack" on cpu (aten._weight_int8pack_mm,
     # bfloat16 activations, up to INT8PACK_MAX_ROWS rows), "dequant" elsewhere ((x q^T) * scale in
     # the model dtype: cuda, large prefills, and exact-arithmetic parity tests)

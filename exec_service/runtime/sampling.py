@@ -76,17 +76,33 @@ class SampleOutput:
     top_logprobs: torch.Tensor  # [B, n] float32
 
 
-def suppressed_mask(
-    suppress_ids: torch.Tensor, vocab_offset: torch.Tensor, vocab_per_rank: int
-) -> torch.Tensor:
-    """[B, M] global ids (-1 = none) -> [B, V_r] bool over this rank's shard (a scatter: no [B, V, M])."""
+def suppress_(x: torch.Tensor, suppress_ids: torch.Tensor, vocab_offset: torch.Tensor) -> torch.Tensor:
+    """Set x[b, id] = -inf in place for the [B, M] global ids of this rank's shard (-1 = none).
+    One scatter of M values per row (no [B, V] mask): an id outside the shard scatters +inf at
+    column 0 under "amin", which leaves that entry as it was."""
     local = suppress_ids - vocab_offset
-    inside = (local >= 0) & (local < vocab_per_rank)
-    local = torch.where(inside, local, torch.full_like(local, vocab_per_rank))  # a spill column
-    mask = torch.zeros(
-        suppress_ids.shape[0], vocab_per_rank + 1, dtype=torch.bool, device=suppress_ids.device
-    )
-    return mask.scatter(1, local, True)[:, :vocab_per_rank]
+    inside = (local >= 0) & (local < x.shape[-1])
+    local = torch.where(inside, local, torch.zeros_like(local))
+    val = torch.where(inside, float("-inf"), float("inf")).to(x.dtype)  # [B, M]
+    return x.scatter_reduce_(1, local, val, "amin")
+
+
+def greedy_tokens(
+    logits: torch.Tensor,  # [B, V_r]
+    suppress_ids: torch.Tensor,  # [B, M] global ids that must not be chosen (-1 = none)
+    vocab_offset: torch.Tensor,  # [1] int64
+    comm: Collectives,
+    keep_logits: bool = False,  # False: ``logits`` may be overwritten
+) -> torch.Tensor:
+    """The greedy token [B] (global ids): what ``sample`` picks for a greedy row with neutral
+    penalties, as one argmax (first maximum, as transformers' greedy search) instead of a top-k."""
+    x = suppress_(logits.clone() if keep_logits else logits, suppress_ids, vocab_offset)
+    idx = x.argmax(dim=-1, keepdim=True)  # [B, 1]
+    ids = idx + vocab_offset
+    if comm.tp > 1:  # each rank's best, then the best of the ranks (the lowest id on a tie)
+        vals = comm.all_gather(x.gather(-1, idx), -1)  # [B, tp]
+        ids = comm.all_gather(ids, -1).gather(-1, vals.argmax(dim=-1, keepdim=True))
+    return ids[:, 0]
 
 
 def _global_lse(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
@@ -130,9 +146,7 @@ def sample(
     rep = rep[:, None]
     x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     x = x - presence[:, None] * seen.to(x.dtype) - frequency[:, None] * counts
-    x = x.masked_fill(
-        suppressed_mask(suppress_ids, vocab_offset, x.shape[-1]), float("-inf")
-    )  # min_new_tokens
+    x = suppress_(x, suppress_ids, vocab_offset)  # min_new_tokens (x is this function's own tensor)
     greedy = temperature <= 0  # [B]
     x = x / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
 

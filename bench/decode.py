@@ -3,6 +3,7 @@ same dtype, greedy, P prompt / N new tokens, EOS ignored, batch 1/4/8/16, altern
 process. Also TTFT for a 512-token prompt (batch 1).
 
     .venv/bin/python -m bench.decode [--batches 1,4,8,16] [--prompt 128] [--new 128] [--reps 2]
+                                     [--no-greedy-graphs] [--cpu-linear aten] [--compile]
 
 Per run, timestamps of every generated token: TTFT = first token - start, decode tok/s =
 B * (N - 1) / (last - first). ``e2e tok/s`` = B * N / total. Ratios are ours / transformers.
@@ -87,6 +88,11 @@ def main() -> None:
     ap.add_argument("--ttft-prompt", type=int, default=512)
     ap.add_argument("--cpu-linear", default="onednn")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--no-greedy-graphs",
+        action="store_true",
+        help="decode greedy batches through the full sampler graph too (A/B of RuntimeConfig.greedy_graphs)",
+    )
     args = ap.parse_args()
 
     from exec_service.engine import Engine, RuntimeConfig
@@ -102,6 +108,7 @@ def main() -> None:
             context_buckets=(args.prompt,),
             cpu_linear=args.cpu_linear,
             compile=args.compile,
+            greedy_graphs=not args.no_greedy_graphs,
         )
         prompts = [prompt_ids(args.prompt, seed=i) for i in range(b)]
         with Engine.from_manifest(uri, cfg) as eng:
@@ -138,6 +145,7 @@ def main() -> None:
         context_buckets=(128, n),
         cpu_linear=args.cpu_linear,
         compile=args.compile,
+        greedy_graphs=not args.no_greedy_graphs,
     )
     p = [prompt_ids(n, seed=99)]
     with Engine.from_manifest(uri, cfg) as eng:

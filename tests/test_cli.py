@@ -193,7 +193,16 @@ def test_prepare_unexpected_error_exits_1(monkeypatch, capsys) -> None:
     assert "Traceback" in err
 
 
-def test_prepare_ctrl_c_cancels_and_exits_130(monkeypatch, capsys) -> None:
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C as in a terminal: a shell without job control (``cmd &`` in a script) starts its
+    children with SIGINT ignored, and Python then keeps it ignored; these tests need it delivered."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_prepare_ctrl_c_cancels_and_exits_130(monkeypatch, capsys, sigint_default) -> None:
     cancelled = threading.Event()
 
     def prepare(req, *, progress=None, cancel=None):
@@ -245,6 +254,8 @@ def _spawn(*args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT as a terminal delivers it, even when this run inherited it ignored (see sigint_default)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

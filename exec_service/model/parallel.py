@@ -32,8 +32,9 @@ def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 # ---- int8 weight-only linears (shared/quantize.py: W ~= q * scale[out, None]) ----------------------
 
 INT8_KERNELS = ("int8pack", "dequant")
-# Above this many rows (prefill chunks) the dequantize-then-fp32-GEMM path is as fast as the int8
-# kernel, whose cost grows ~linearly with the rows on AVX2 (bench/int8.py measures both).
+# Above this many rows (prefill chunks) the dequantize-then-fp32-GEMM path wins: the int8 kernel's
+# cost grows ~linearly with the rows on AVX2 (one step's linears, loaded machine: 128 rows 1.6 s
+# int8pack vs 0.8 s dequant; 64 rows 0.85 s vs 2.2 s).
 INT8PACK_MAX_ROWS = 64
 
 
@@ -48,8 +49,9 @@ def int8_linear(
     """``x (q * scale)^T + bias`` for a weight-only int8 linear; the result is in ``x``'s dtype.
 
     * ``int8pack`` (cpu): ``aten._weight_int8pack_mm`` — int8 weights streamed from memory, the
-      activations rounded to bfloat16 and the per-channel scale applied inside the kernel (~3x
-      fp32's GEMV speed at 1-8 rows on this AVX2 CPU). Used up to ``INT8PACK_MAX_ROWS`` rows.
+      activations rounded to bfloat16 and the per-channel scale applied inside the kernel (on this
+      AVX2 CPU ~1.6x our oneDNN fp32 linears at 1 row, equal at 8: docs/QUANTIZATION.md). Used up
+      to ``INT8PACK_MAX_ROWS`` rows.
     * ``dequant`` (cuda, neuron tracing, large prefills, and every other case): the per-output-channel
       scale factors out of the matmul, ``(x q^T) * scale``: one int8 -> x.dtype conversion of the
       weight per call, the GEMM in x's dtype, exact up to that dtype's rounding.

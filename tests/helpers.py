@@ -71,3 +71,16 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def assert_export_matches_eager(runner, spec, ep) -> None:
+    """The exported program ``ep`` of ``runner.graphs[spec]`` computes what the eager graph does,
+    each from an empty KV cache."""
+    from exec_service.runtime.graphs import example_inputs
+
+    runner.cache.reset()
+    want = runner.run(spec, example_inputs(spec))
+    runner.cache.reset()
+    got = ep.module()(*example_inputs(spec))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

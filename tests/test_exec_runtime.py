@@ -13,6 +13,7 @@ from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.runner import Runner, RuntimeConfig
 from exec_service.runtime.sampling import NUM_PARAMS, PARAM_FIELDS, sample
 from exec_service.testing import source_from_hf, tiny_hf
+from tests.helpers import assert_export_matches_eager
 
 SMALL = RuntimeConfig(max_batch_size=2, max_seq_len=64, context_buckets=(8, 32), kv_buckets=(16, 32, 64))
 
@@ -58,13 +59,7 @@ def test_every_graph_exports_at_every_bucket() -> None:
             mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
             counts = set() if spec.greedy else {"counts.counts"}
             assert mutated == {"cache.k0", "cache.v0", "cache.k1", "cache.v1", *counts}, spec.name
-            # the exported program computes what the eager graph does
-            runner.cache.reset()
-            want = runner.run(spec, example_inputs(spec))
-            runner.cache.reset()
-            got = ep.module()(*example_inputs(spec))
-            for a, b in zip(got, want, strict=True):
-                torch.testing.assert_close(a, b)
+            assert_export_matches_eager(runner, spec, ep)
 
 
 def test_kv_cache_write_read() -> None:

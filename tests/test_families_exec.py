@@ -18,6 +18,7 @@ from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from tests.family_configs import save_llama4_multimodal
 from tests.family_exec import CASES, CONFIG, N_NEW, PROMPTS, FamilyCase, run_engine
+from tests.helpers import assert_export_matches_eager
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -128,9 +129,4 @@ def test_family_graphs_export(cases: dict[str, FamilyCase], name: str) -> None:
         if (spec.kind, spec.seq, spec.kv_len) not in ((CONTEXT, 64, 64), (DECODE, 1, 64)):
             continue
         ep = torch.export.export(runner.graphs[spec], example_inputs(spec), strict=False)
-        runner.cache.reset()
-        want = runner.run(spec, example_inputs(spec))
-        runner.cache.reset()
-        got = ep.module()(*example_inputs(spec))
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b)
+        assert_export_matches_eager(runner, spec, ep)

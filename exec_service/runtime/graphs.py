@@ -96,13 +96,8 @@ def example_inputs(spec: GraphSpec, device: torch.device | str = "cpu") -> tuple
 
 
 class StepGraph(nn.Module):
-    """One static-shape graph over a shared model, KV cache and token counts. A greedy spec builds
-    a ``GreedyStepGraph`` (same constructor; its own forward signature)."""
-
-    def __new__(cls, model: DecoderModel, cache: KVCache, counts: TokenCounts, spec: GraphSpec, *a, **kw):
-        if cls is StepGraph and spec.greedy:
-            cls = GreedyStepGraph
-        return super().__new__(cls)
+    """One static-shape graph over a shared model, KV cache and token counts (a greedy spec gets a
+    ``GreedyStepGraph``: same constructor, its own forward signature)."""
 
     def __init__(
         self,
@@ -146,9 +141,11 @@ class StepGraph(nn.Module):
             self.num_top,
         )
         res = (out.tokens, out.logprob, out.top_ids, out.top_logprobs)
-        if self.return_logits:  # debugging / parity tests: the full, unpadded vocab
-            res = (*res, m.comm.all_gather(logits, -1)[:, : m.arch.vocab_size])
-        return res
+        return (*res, self.full_logits(logits)) if self.return_logits else res
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Debugging / parity tests: every rank's logits gathered, the unpadded vocab [B, V]."""
+        return self.model.comm.all_gather(logits, -1)[:, : self.model.arch.vocab_size]
 
 
 class GreedyStepGraph(StepGraph):
@@ -169,9 +166,7 @@ class GreedyStepGraph(StepGraph):
         m = self.model
         logits = m(input_ids, positions, slots, mask, last_idx, self.cache, False)  # [B, V_r]
         tokens = greedy_tokens(logits, suppress_ids, m.vocab_offset(), m.comm, self.return_logits)
-        if self.return_logits:
-            return tokens, m.comm.all_gather(logits, -1)[:, : m.arch.vocab_size]
-        return (tokens,)
+        return (tokens, self.full_logits(logits)) if self.return_logits else (tokens,)
 
 
 def graph_set(

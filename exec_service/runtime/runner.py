@@ -14,7 +14,7 @@ from exec_service.model.decoder import DecoderModel
 from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
 from exec_service.model.parallel import INT8_KERNELS, int8pack_available, pack_linears, prepare_int8
 from exec_service.runtime.backends import GraphFn, get_backend
-from exec_service.runtime.graphs import GraphSpec, StepGraph, graph_set
+from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, graph_set
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import TokenCounts
 from shared.families.base import Architecture
@@ -135,7 +135,7 @@ class Runner:
         self.counts = TokenCounts(config.max_batch_size, target.vocab_per_rank, device)
         self.device = device
         self.graphs = {
-            spec: StepGraph(
+            spec: (GreedyStepGraph if spec.greedy else StepGraph)(
                 self.model,
                 self.cache,
                 self.counts,

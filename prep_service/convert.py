@@ -42,7 +42,7 @@ from shared.families import Family, ParamRule, UnsupportedModel, family_for_conf
 from shared.families.base import Architecture
 from shared.layout import LayoutError, Target, canonical_shape, make_target, shard
 from shared.manifest import HF_SIDE_FILES, MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest, shard_path
-from shared.quantize import canonical_tensors
+from shared.quantize import canonical_tensors, target_rules
 from shared.storage import ObjectExists, ObjectStore, StoreError, open_store
 
 log = logging.getLogger("neuron_serve.prep")
@@ -396,11 +396,7 @@ def _prepare(
     if not NAME_PATTERN.match(name):
         raise PrepError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
 
-    rules = family.rules(arch)
-    if target.quantized_lm_head and arch.tie_word_embeddings:
-        # a quantized LM head is its own tensor; the (tied) embedding stays in the model dtype
-        embed = next(r for r in rules if r.name == "embed.weight")
-        rules.append(ParamRule("lm_head.weight", embed.sources, embed.combine))
+    rules = target_rules(family.rules(arch), arch, target)
 
     # Source digests: the ones already known (fetched with a download, or remembered for an
     # unchanged local file) are not computed again; the rest are hashed on a helper thread while

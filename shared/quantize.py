@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from shared.families.base import Architecture, ParamRule
     from shared.layout import Target
 
 SCHEMES = ("int8",)
@@ -56,3 +57,14 @@ def canonical_tensors(name: str, t: torch.Tensor, target: Target) -> Iterator[tu
         raise ValueError(f"unknown quantization scheme {target.quantization!r} (have {', '.join(SCHEMES)})")
     else:
         yield name, t
+
+
+def target_rules(rules: list[ParamRule], arch: Architecture, target: Target) -> list[ParamRule]:
+    """The family's conversion rules for ``target``: with a quantized LM head on a tied model, the
+    head is its own ``lm_head.weight`` (built like the embedding, which keeps the model dtype)."""
+    import dataclasses
+
+    if not (target.quantized_lm_head and arch.tie_word_embeddings):
+        return rules
+    embed = next(r for r in rules if r.name == "embed.weight")
+    return [*rules, dataclasses.replace(embed, name="lm_head.weight")]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import tempfile
@@ -26,7 +25,7 @@ from shared.families import REGISTRY, family_for_config
 from shared.families.base import Architecture
 from shared.layout import Target, make_target, shard
 from shared.manifest import Manifest, shard_path
-from shared.quantize import SCHEMES, canonical_tensors
+from shared.quantize import SCHEMES, canonical_tensors, target_rules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,12 +125,7 @@ def shards_from_hf_state_dict(
     fam = REGISTRY[family]
     dtype = torch_dtype(target.dtype)
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(target.tp_degree)]
-    rules = fam.rules(arch)
-    if target.quantized_lm_head and arch.tie_word_embeddings:  # its own tensor (as prep writes it)
-        rules.append(
-            dataclasses.replace(next(r for r in rules if r.name == "embed.weight"), name="lm_head.weight")
-        )
-    for rule in rules:
+    for rule in target_rules(fam.rules(arch), arch, target):
         for name, full in canonical_tensors(rule.name, rule.build(hf_state).to(dtype), target):
             for r, t in enumerate(shard(name, full, arch, target)):
                 ranks[r][name] = t.contiguous()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exec_service.testing import TINY
+from tests.hf_reference import TINY
 
 BASE: dict[str, Any] = dict(TINY)  # the exec tests' tiny Llama shape; families add their fields
 
@@ -77,7 +77,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 def make_family_model(family: str, seed: int = 0, **overrides: Any):
     """A tiny random fp32 HF model of ``family`` (eager attention, random norm weights/biases)."""
-    from exec_service.testing import tiny_hf
+    from tests.hf_reference import tiny_hf
 
     cfg_cls, model_cls, extra = FAMILIES[family]
     return tiny_hf(seed, cls_name=model_cls, config_cls=cfg_cls, **{**BASE, **extra, **overrides})

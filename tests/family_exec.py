@@ -101,7 +101,7 @@ class FamilyCase:
     def reference(self) -> list[list[int]]:
         """transformers' own greedy ``generate`` (one prompt at a time, no early stop)."""
         if self._ref is None:
-            from exec_service.testing import hf_greedy
+            from tests.hf_reference import hf_greedy
 
             self._ref = [hf_greedy(self.model, p, N_NEW) for p in PROMPTS]
         return self._ref

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from exec_service.testing import TINY
+from tests.hf_reference import TINY
 
 TINY_LLAMA: dict[str, Any] = {**TINY, "max_position_embeddings": 256}
 

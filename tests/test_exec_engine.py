@@ -14,7 +14,7 @@ from exec_service.engine import (
     SamplingParams,
     StoppingCriteria,
 )
-from exec_service.testing import hf_greedy, hf_last_logits, source_from_hf, tiny_hf
+from tests.hf_reference import hf_greedy, hf_last_logits, source_from_hf, tiny_hf
 
 PROMPTS = [
     [7, 3, 12],

@@ -9,10 +9,10 @@ import torch
 
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
 from exec_service.model.loading import ManifestShards, ShardLoadError, shards_from_hf_state_dict
-from exec_service.testing import hf_greedy, tiny_hf
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from shared.manifest import ManifestError
+from tests.hf_reference import hf_greedy, tiny_hf
 
 PROMPTS = [[7, 3, 12], list(range(5, 22))]
 CONFIG = RuntimeConfig(max_batch_size=2, max_seq_len=64, context_buckets=(8, 16))
@@ -94,7 +94,7 @@ def test_engine_from_s3_manifest(tmp_path: Path, s3_env: str) -> None:
 
 
 def test_hf_shards_convert_a_checkpoint_dir(tmp_path: Path) -> None:
-    from exec_service.model.loading import HFShards
+    from tests.hf_reference import HFShards
 
     model = tiny_hf(seed=32, tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "ckpt")

@@ -15,9 +15,9 @@ from exec_service.model.rope import inv_freq
 from exec_service.runtime.graphs import CONTEXT, GraphSpec, make_mask
 from exec_service.runtime.runner import Runner, RuntimeConfig
 from exec_service.runtime.sampling import NEUTRAL_PARAMS
-from exec_service.testing import arch_of, hf_last_logits, source_from_hf, tiny_hf
 from shared.families.base import RopeConfig
 from shared.layout import make_target
+from tests.hf_reference import arch_of, hf_last_logits, source_from_hf, tiny_hf
 
 PROMPT = [5, 17, 33, 2, 90, 64, 11, 7, 48, 99, 3]
 

@@ -12,8 +12,8 @@ from exec_service.runtime.graphs import CONTEXT, DECODE, example_inputs
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.runner import Runner, RuntimeConfig
 from exec_service.runtime.sampling import NUM_PARAMS, PARAM_FIELDS, sample
-from exec_service.testing import source_from_hf, tiny_hf
 from tests.helpers import assert_export_matches_eager
+from tests.hf_reference import source_from_hf, tiny_hf
 
 SMALL = RuntimeConfig(max_batch_size=2, max_seq_len=64, context_buckets=(8, 32), kv_buckets=(16, 32, 64))
 

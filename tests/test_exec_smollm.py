@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
-from exec_service.testing import hf_greedy, source_from_hf
+from tests.hf_reference import hf_greedy, source_from_hf
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

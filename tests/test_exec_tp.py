@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from exec_service.engine import Engine, Request, RuntimeConfig, SamplingParams, StoppingCriteria
-from exec_service.testing import hf_greedy, hf_last_logits, source_from_hf, tiny_hf
+from tests.hf_reference import hf_greedy, hf_last_logits, source_from_hf, tiny_hf
 
 PROMPTS = [
     [7, 3, 12],
@@ -132,7 +132,7 @@ def _alive(pid: int) -> bool:
 DRIVER = """
 import os, signal, sys
 from exec_service.engine import Engine, RuntimeConfig
-from exec_service.testing import source_from_hf, tiny_hf
+from tests.hf_reference import source_from_hf, tiny_hf
 
 if __name__ == "__main__":
     eng = Engine(source_from_hf(tiny_hf(), tp=2), RuntimeConfig(max_batch_size=1, max_seq_len=16, context_buckets=(8,)))

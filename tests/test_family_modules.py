@@ -19,7 +19,7 @@ from exec_service.model.loading import load_strict, shards_from_hf_state_dict
 from exec_service.model.moe import MoE
 from exec_service.runtime.graphs import make_mask
 from exec_service.runtime.kv_cache import KVCache
-from shared.families import REGISTRY, family_for_config
+from shared.families import family_for_config
 from shared.layout import make_target
 from tests.family_configs import make_family_model
 from tests.family_exec import CASES
@@ -42,9 +42,8 @@ class _Built:
     def model(self, tp: int) -> list[DecoderModel]:
         """Our model(s) per rank, loaded strictly from the canonical shards of the saved checkpoint."""
         target = make_target(self.arch, tp, "float32")
-        key = next(k for k, f in REGISTRY.items() if f is self.fam)
         out = []
-        for shard in shards_from_hf_state_dict(self.sd, self.arch, target, key):
+        for shard in shards_from_hf_state_dict(self.sd, self.arch, target):
             m = DecoderModel(self.arch, target, comm=_FakeTP(tp)).eval()
             load_strict(m, shard)
             out.append(m)

@@ -24,11 +24,11 @@ import torch
 from exec_service.engine import Engine, RuntimeConfig
 from exec_service.model.loading import ManifestShards
 from exec_service.model.parallel import INT8PACK_MAX_ROWS, int8_linear
-from exec_service.testing import hf_greedy
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from shared.quantize import dequantize, quantize_int8
 from tests.family_exec import CASES, CONFIG, N_NEW, PROMPTS, FamilyCase, run_engine
+from tests.hf_reference import hf_greedy
 
 pytestmark = pytest.mark.timeout(900)
 

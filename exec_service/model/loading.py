@@ -2,7 +2,7 @@
 
 * ``ManifestShards``: the production path — the manifest (``shared.manifest``) from a store URI,
   the rank's ``shards/rank-…`` file checked against the manifest's sha256 *before* it is read.
-* ``HFShards`` / ``shards_from_hf_state_dict``: convert an HF checkpoint in process with the family's
+* ``shards_from_hf_state_dict``: convert an in-memory HF state dict in process with the family's
   rules and ``shared.layout.shard`` (tests and development; the same canonical tensors prep writes).
 
 ``load_strict`` refuses missing or extra keys, and any shape or dtype difference.
@@ -11,19 +11,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from shared.families import REGISTRY, family_for_config
+from shared.families import REGISTRY
 from shared.families.base import Architecture
-from shared.layout import Target, make_target, shard
+from shared.layout import Target, shard
 from shared.manifest import Manifest, shard_path
 from shared.quantize import SCHEMES, canonical_tensors, target_rules
 
@@ -119,10 +117,11 @@ class ManifestShards:
 
 
 def shards_from_hf_state_dict(
-    hf_state: Mapping[str, torch.Tensor], arch: Architecture, target: Target, family: str = "llama"
+    hf_state: Mapping[str, torch.Tensor], arch: Architecture, target: Target
 ) -> list[dict[str, torch.Tensor]]:
-    """Canonical rank state dicts (incl. ``rank``) straight from an in-memory HF state dict."""
-    fam = REGISTRY[family]
+    """Canonical rank state dicts (incl. ``rank``) straight from an in-memory HF state dict (the
+    family is the architecture's)."""
+    fam = REGISTRY[arch.family]
     dtype = torch_dtype(target.dtype)
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(target.tp_degree)]
     for rule in target_rules(fam.rules(arch), arch, target):
@@ -132,42 +131,3 @@ def shards_from_hf_state_dict(
     for r in range(target.tp_degree):
         ranks[r]["rank"] = torch.tensor([r], dtype=torch.int32)
     return ranks
-
-
-@dataclass
-class InMemoryShards:
-    """Already built rank state dicts (tests)."""
-
-    arch: Architecture
-    target: Target
-    ranks: list[dict[str, torch.Tensor]]
-
-    def load(self, rank: int) -> dict[str, torch.Tensor]:
-        return self.ranks[rank]
-
-
-class HFShards:
-    """Converts a local HF checkpoint directory (config.json + *.safetensors) in each process."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        tp: int = 1,
-        dtype: str = "float32",
-        gqa_strategy: str | None = None,
-        quantize: str | None = None,
-        quantize_lm_head: bool = False,
-    ) -> None:
-        self.path = Path(path)
-        cfg = json.loads((self.path / "config.json").read_text())
-        self.family = family_for_config(cfg)
-        self.arch = self.family.arch_from_hf(cfg)
-        self.target = make_target(self.arch, tp, dtype, gqa_strategy, quantize, quantize_lm_head)
-
-    def load(self, rank: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        hf: dict[str, torch.Tensor] = {}
-        for f in sorted(self.path.glob("*.safetensors")):
-            hf.update(load_file(str(f)))
-        return shards_from_hf_state_dict(hf, self.arch, self.target, self.family.name)[rank]

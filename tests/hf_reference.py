@@ -1,16 +1,20 @@
-"""Helpers for tests and development: tiny random HF models as engine sources, HF references."""
+"""Test helpers: tiny random HF models as engine sources (converted in process), and transformers' own
+outputs as the reference."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from exec_service.model.loading import InMemoryShards, shards_from_hf_state_dict
-from shared.families import REGISTRY
+from exec_service.model.loading import shards_from_hf_state_dict
+from shared.families import family_for_config
 from shared.families.base import Architecture
-from shared.layout import make_target
+from shared.layout import Target, make_target
 
 TINY: dict[str, Any] = dict(
     hidden_size=64,
@@ -43,8 +47,10 @@ def tiny_hf(
     return model
 
 
-def arch_of(model, family: str = "llama", **replace: Any) -> Architecture:
-    arch = REGISTRY[family].arch_from_hf(model.config.to_dict())
+def arch_of(model, **replace: Any) -> Architecture:
+    """The architecture of an HF model (its family from the config, as prep finds it)."""
+    cfg = model.config.to_dict()
+    arch = family_for_config(cfg).arch_from_hf(cfg)
     return dataclasses.replace(arch, **replace) if replace else arch
 
 
@@ -53,12 +59,11 @@ def source_from_hf(
     tp: int = 1,
     gqa_strategy: str | None = None,
     arch: Architecture | None = None,
-    family: str = "llama",
 ) -> InMemoryShards:
-    arch = arch or arch_of(model, family)
+    arch = arch or arch_of(model)
     target = make_target(arch, tp, "float32", gqa_strategy)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return InMemoryShards(arch, target, shards_from_hf_state_dict(sd, arch, target, family))
+    return InMemoryShards(arch, target, shards_from_hf_state_dict(sd, arch, target))
 
 
 @torch.no_grad()
@@ -79,3 +84,42 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 @torch.no_grad()
 def hf_last_logits(model, prompt: list[int]) -> torch.Tensor:
     return model(torch.tensor([prompt])).logits[0, -1].float()
+
+
+@dataclass
+class InMemoryShards:
+    """Already built rank state dicts (tests)."""
+
+    arch: Architecture
+    target: Target
+    ranks: list[dict[str, torch.Tensor]]
+
+    def load(self, rank: int) -> dict[str, torch.Tensor]:
+        return self.ranks[rank]
+
+
+class HFShards:
+    """Converts a local HF checkpoint directory (config.json + *.safetensors) in each process."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        tp: int = 1,
+        dtype: str = "float32",
+        gqa_strategy: str | None = None,
+        quantize: str | None = None,
+        quantize_lm_head: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        cfg = json.loads((self.path / "config.json").read_text())
+        self.family = family_for_config(cfg)
+        self.arch = self.family.arch_from_hf(cfg)
+        self.target = make_target(self.arch, tp, dtype, gqa_strategy, quantize, quantize_lm_head)
+
+    def load(self, rank: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        hf: dict[str, torch.Tensor] = {}
+        for f in sorted(self.path.glob("*.safetensors")):
+            hf.update(load_file(str(f)))
+        return shards_from_hf_state_dict(hf, self.arch, self.target)[rank]

@@ -1,4 +1,4 @@
-"""shared/storage.py against a real filesystem and a real S3 server (SeaweedFS)."""
+"""shared/storage/ against a real filesystem and a real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-DTYPES = ("float32", "bfloat16", "float16")
+from shared.dtypes import DTYPE_NAMES
+
+DTYPES = DTYPE_NAMES  # the target dtypes a request may name (shared/dtypes.py)
 GQA_STRATEGIES = ("replicate_to_tp_degree", "convert_to_mha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one store path segment, never '..'
 MAX_SOURCE_BYTES = 4096

@@ -113,10 +113,6 @@ class Target:
     quantization: str | None = None  # None, or "int8": see shared/quantize.py
     quantized_lm_head: bool = False
 
-    @property
-    def heads(self) -> HeadLayout:
-        return HeadLayout(self.gqa_strategy, self.tp_degree, self.q_map, self.kv_map)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["q_map"], d["kv_map"] = list(self.q_map), list(self.kv_map)
@@ -129,8 +125,10 @@ class Target:
         return cls(**d)
 
 
-def _divide(n: int, tp: int, what: str) -> int:
-    if n % tp != 0:
+def divide(n: int, tp: int, what: str) -> int:
+    """``n // tp`` when ``tp`` divides ``n``; else :class:`LayoutError` naming ``what`` (the one
+    check of every per-rank size, in prep's target planning and in exec's parallel layers)."""
+    if tp < 1 or n % tp != 0:
         raise LayoutError(f"{what} ({n}) is not divisible by tp ({tp})")
     return n // tp
 
@@ -149,9 +147,9 @@ def make_target(
     vocab_padded = math.ceil(arch.vocab_size / tp) * tp
     moe_i = 0
     if arch.moe is not None:
-        moe_i = _divide(arch.moe.intermediate_size, tp, "moe intermediate_size")
+        moe_i = divide(arch.moe.intermediate_size, tp, "moe intermediate_size")
         if arch.moe.shared_expert_intermediate_size:
-            _divide(arch.moe.shared_expert_intermediate_size, tp, "shared expert intermediate_size")
+            divide(arch.moe.shared_expert_intermediate_size, tp, "shared expert intermediate_size")
     return Target(
         tp_degree=tp,
         dtype=dtype,
@@ -163,7 +161,7 @@ def make_target(
         vocab_size=arch.vocab_size,
         vocab_size_padded=vocab_padded,
         vocab_per_rank=vocab_padded // tp,
-        intermediate_per_rank=_divide(arch.intermediate_size, tp, "intermediate_size"),
+        intermediate_per_rank=divide(arch.intermediate_size, tp, "intermediate_size"),
         moe_intermediate_per_rank=moe_i,
         q_map=heads.q_map,
         kv_map=heads.kv_map,

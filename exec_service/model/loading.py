@@ -2,8 +2,8 @@
 
 * ``ManifestShards``: the production path — the manifest (``shared.manifest``) from a store URI,
   the rank's ``shards/rank-…`` file checked against the manifest's sha256 *before* it is read.
-* ``shards_from_hf_state_dict``: convert an in-memory HF state dict in process with the family's
-  rules and ``shared.layout.shard`` (tests and development; the same canonical tensors prep writes).
+* ``shards_from_hf_state_dict``: convert an in-memory HF state dict in process through
+  ``shared.conversion``, the path prep uses (tests and development; the same tensors prep writes).
 
 ``load_strict`` refuses missing or extra keys, and any shape or dtype difference.
 """
@@ -19,13 +19,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from shared.families import REGISTRY
+from shared import conversion, dtypes
 from shared.families.base import Architecture
-from shared.layout import Target, shard
+from shared.layout import Target
 from shared.manifest import Manifest, shard_path
-from shared.quantize import SCHEMES, canonical_tensors, target_rules
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from shared.quantize import SCHEMES
 
 
 class ShardLoadError(ValueError):
@@ -33,10 +31,11 @@ class ShardLoadError(ValueError):
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """``shared.dtypes.torch_dtype``; an unsupported name is the artifact's fault: ShardLoadError."""
     try:
-        return DTYPES[name]
-    except KeyError:
-        raise ShardLoadError(f"unsupported dtype {name!r} (have {', '.join(DTYPES)})") from None
+        return dtypes.torch_dtype(name)
+    except ValueError as e:
+        raise ShardLoadError(str(e)) from None
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str = "shard") -> None:
@@ -120,14 +119,5 @@ def shards_from_hf_state_dict(
     hf_state: Mapping[str, torch.Tensor], arch: Architecture, target: Target
 ) -> list[dict[str, torch.Tensor]]:
     """Canonical rank state dicts (incl. ``rank``) straight from an in-memory HF state dict (the
-    family is the architecture's)."""
-    fam = REGISTRY[arch.family]
-    dtype = torch_dtype(target.dtype)
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(target.tp_degree)]
-    for rule in target_rules(fam.rules(arch), arch, target):
-        for name, full in canonical_tensors(rule.name, rule.build(hf_state).to(dtype), target):
-            for r, t in enumerate(shard(name, full, arch, target)):
-                ranks[r][name] = t.contiguous()
-    for r in range(target.tp_degree):
-        ranks[r]["rank"] = torch.tensor([r], dtype=torch.int32)
-    return ranks
+    family is the architecture's): ``shared.conversion.rank_state_dicts``."""
+    return conversion.rank_state_dicts(hf_state, arch, target)

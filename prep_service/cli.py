@@ -12,11 +12,10 @@ import asyncio
 import signal
 import sys
 import threading
-import time
 import traceback
-from typing import TextIO
 
-from prep_service.api import DTYPES, GQA_STRATEGIES, PrepareRequest, PrepCancelled, PrepError, Progress
+from prep_service.api import DTYPES, GQA_STRATEGIES, PrepareRequest, PrepCancelled, PrepError
+from prep_service.progress import ProgressPrinter
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -130,67 +129,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ prepare
 
 
-class _ProgressReporter:
-    """Progress on stderr: a tqdm bar on a terminal, else one line per stage change."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-        self._stage: str | None = None
-        self._last_refresh = 0.0
-        self._bar = None
-        if stream.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=None, unit="B", unit_scale=True, unit_divisor=1024, file=stream, dynamic_ncols=True
-            )
-
-    def __call__(self, p: Progress) -> None:
-        with self._lock:
-            stage_changed = p.stage != self._stage
-            self._stage = p.stage
-            if self._bar is None:
-                if stage_changed:
-                    self._line(p)
-                return
-            now = time.monotonic()
-            if not stage_changed and now - self._last_refresh < 0.1:
-                return
-            self._last_refresh = now
-            bar = self._bar
-            if stage_changed:
-                bar.set_description_str(p.stage, refresh=False)
-            bar.total = p.bytes_total or None
-            bar.n = p.bytes_done
-            if p.tensors_total:
-                bar.set_postfix_str(f"tensors {p.tensors_done}/{p.tensors_total}", refresh=False)
-            bar.refresh()
-
-    def _line(self, p: Progress) -> None:
-        parts = [f"prepare: {p.stage}"]
-        if p.bytes_total:
-            parts.append(f"{_human_bytes(p.bytes_done)}/{_human_bytes(p.bytes_total)}")
-        if p.tensors_total:
-            parts.append(f"tensors {p.tensors_done}/{p.tensors_total}")
-        print(" ".join(parts), file=self._stream, flush=True)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 class _Terminated(Exception):
     """SIGTERM arrived (raised in the main thread by its handler)."""
 
@@ -223,7 +161,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from prep_service.convert import prepare  # heavy (torch): imported only when it runs
 
-    reporter = _ProgressReporter(sys.stderr)
+    reporter = ProgressPrinter(sys.stderr)
     cancel = threading.Event()
     outcome: dict[str, object] = {}
     finished = threading.Event()

@@ -316,14 +316,14 @@ def test_prep_server_serves_and_drains_on_sigterm(tmp_path: Path) -> None:
 def test_progress_bar_on_a_terminal() -> None:
     import io
 
-    from prep_service.cli import _ProgressReporter
+    from prep_service.progress import ProgressPrinter
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     stream = Tty()
-    reporter = _ProgressReporter(stream)
+    reporter = ProgressPrinter(stream)
     reporter(Progress("download", bytes_done=512, bytes_total=2048))
     reporter(Progress("convert", bytes_done=2048, bytes_total=2048, tensors_done=3, tensors_total=4))
     reporter.close()

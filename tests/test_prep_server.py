@@ -507,6 +507,10 @@ def test_metrics() -> None:
             bad = await stub.PrepareModel(req("bad/m"), timeout=RPC_TIMEOUT)
             for op in (ok, bad):
                 await watch_all(stub, op.operation_id)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.GetOperation(
+                    prep_pb2.GetOperationRequest(operation_id="nope"), timeout=RPC_TIMEOUT
+                )
             url = f"http://127.0.0.1:{metrics_port}/metrics"
             return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
 
@@ -519,6 +523,7 @@ def test_metrics() -> None:
     # ok/ reports 500 bytes of download, then convert and publish up to 1000.
     bytes_line = next(line for line in lines if line.startswith("neuronserve_prep_bytes_processed_total "))
     assert float(bytes_line.split()[1]) >= 1000
+    assert 'neuronserve_prep_requests_rejected_total{code="NOT_FOUND"} 1.0' in lines
     assert "process_cpu_seconds_total" in text
 
 

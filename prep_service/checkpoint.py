@@ -136,17 +136,17 @@ class MetaView(Mapping[str, torch.Tensor]):
     """Meta tensors with the checkpoint's shapes: runs conversion + sharding without data."""
 
     def __init__(self, ckpt: Checkpoint):
-        self._c = ckpt
+        self._ckpt = ckpt
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        dtype, shape = self._c.info(key)
+        dtype, shape = self._ckpt.info(key)
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._c)
+        return iter(self._ckpt)
 
     def __len__(self) -> int:
-        return len(self._c)
+        return len(self._ckpt)
 
 
 def validate(

@@ -29,24 +29,24 @@ class Reporter:
     """Throttled progress callback plus cancellation checks."""
 
     def __init__(self, cb: Callable[[Progress], None] | None, cancel: threading.Event | None):
-        self.p = Progress()
-        self._cb = cb
+        self.progress = Progress()
+        self._on_progress = cb
         self._cancel = cancel
         self._last = 0.0
 
     def stage(self, name: str, *, bytes_total: int | None = None, tensors_total: int | None = None) -> None:
         self.check()
-        self.p.stage = name
+        self.progress.stage = name
         if bytes_total is not None:
-            self.p.bytes_total, self.p.bytes_done = bytes_total, 0
+            self.progress.bytes_total, self.progress.bytes_done = bytes_total, 0
         if tensors_total is not None:
-            self.p.tensors_total, self.p.tensors_done = tensors_total, 0
+            self.progress.tensors_total, self.progress.tensors_done = tensors_total, 0
         log.info("stage %s", name)
         self._emit(force=True)
 
     def advance(self, nbytes: int = 0, tensors: int = 0, force: bool = False) -> None:
-        self.p.bytes_done += nbytes
-        self.p.tensors_done += tensors
+        self.progress.bytes_done += nbytes
+        self.progress.tensors_done += tensors
         self._emit(force=force or tensors > 0)  # every tensor/file; hashing chunks are throttled
         self.check()
 
@@ -56,9 +56,9 @@ class Reporter:
 
     def _emit(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self._cb is not None and (force or now - self._last >= 0.1):
+        if self._on_progress is not None and (force or now - self._last >= 0.1):
             self._last = now
-            self._cb(Progress(**vars(self.p)))
+            self._on_progress(Progress(**vars(self.progress)))
 
 
 def wait(fut: concurrent.futures.Future, rep: Reporter) -> Any:

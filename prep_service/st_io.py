@@ -22,7 +22,7 @@ import queue
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,14 +165,14 @@ class _Worker:
 
     def __init__(self, fn: Callable[[memoryview], object], name: str) -> None:
         self._fn = fn
-        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._stopped = False
-        self._t = threading.Thread(target=self._run, name=name, daemon=True)
-        self._t.start()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
-        while (item := self._q.get()) is not None:
+        while (item := self._queue.get()) is not None:
             if self._error is None and not self._stopped:  # after either: drain, so put never blocks
                 try:
                     self._fn(item[1])
@@ -183,12 +183,12 @@ class _Worker:
         """Queue ``data``; ``keepalive`` is the tensor whose memory it views."""
         if self._error is not None:
             raise self._error
-        self._q.put((keepalive, data))
+        self._queue.put((keepalive, data))
 
     def finish(self) -> None:
         """Wait until everything queued is done; raise the first error."""
-        self._q.put(None)
-        self._t.join()
+        self._queue.put(None)
+        self._thread.join()
         if self._error is not None:
             raise self._error
 
@@ -196,9 +196,9 @@ class _Worker:
         """Skip what is still queued and wait for the buffer in progress (a write must not outlive
         the file descriptor it writes to)."""
         self._stopped = True
-        if self._t.is_alive():
-            self._q.put(None)
-            self._t.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 class StreamingWriter:
@@ -229,9 +229,9 @@ class StreamingWriter:
             off += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
-        self._f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close() / abort()
-        self._h = hashlib.sha256()
-        self._sha = _Worker(self._h.update, "shard-sha256")
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close() / abort()
+        self._hash = hashlib.sha256()
+        self._sha = _Worker(self._hash.update, "shard-sha256")
         self._writer = _Worker(self._write_all, "shard-write")
         self._written = 0  # writer thread only: bytes written so far
         self._written_back = 0  # writer thread only: bytes [0, this) have had writeback started
@@ -242,10 +242,10 @@ class StreamingWriter:
     def _write_all(self, view: memoryview) -> None:
         done = 0
         while done < len(view):  # a raw write may be short
-            done += self._f.write(view[done:])
+            done += self._file.write(view[done:])
         self._written += done
         if self._written - self._written_back >= WRITEBACK_CHUNK:
-            start_writeback(self._f.fileno(), self._written_back, self._written - self._written_back)
+            start_writeback(self._file.fileno(), self._written_back, self._written - self._written_back)
             self._written_back = self._written
 
     def _emit(self, data: memoryview, keepalive: object) -> None:
@@ -275,22 +275,16 @@ class StreamingWriter:
             raise SafetensorsFormatError(f"{self.path}: closed before writing {missing!r}")
         try:
             self._writer.finish()
-            os.fsync(self._f.fileno())
+            os.fsync(self._file.fileno())
         except BaseException:
             self.abort()
             raise
-        self._f.close()
+        self._file.close()
         self._sha.finish()
-        return self._h.hexdigest()
+        return self._hash.hexdigest()
 
     def abort(self) -> None:
         self._writer.abort()
         self._sha.abort()
-        if not self._f.closed:
-            self._f.close()
-
-
-def iter_headers(paths: Iterable[Path]) -> Iterator[tuple[Path, TensorInfo]]:
-    for p in paths:
-        for info in read_header(p).values():
-            yield p, info
+        if not self._file.closed:
+            self._file.close()

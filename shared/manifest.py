@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +77,6 @@ class Manifest:
             "extra": self.extra,
         }
         return json.dumps(d, indent=2, sort_keys=False).encode() + b"\n"
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json()).hexdigest()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:

@@ -10,8 +10,10 @@ separate HTTP port and a graceful drain on SIGTERM/SIGINT:
 Liveness (``""``) stays SERVING while draining: the process is healthy and finishing its work, and a
 failing liveness probe would only make Kubernetes kill it early.
 
-TLS / mTLS and bearer-token auth are added in a later issue (they plug in as server credentials and
-an interceptor passed to :func:`create_server`).
+TLS / mTLS (server credentials) and bearer-token auth (an interceptor) come from
+``ServerSecurity``; exceptions become statuses through each service's ``ErrorMap``
+(``shared/rpc_errors.py``, applied by :func:`add_service`); the lifecycle both servers share is
+``shared/serving.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from shared.rpc_errors import ErrorMap, RpcError, StatusHook
 from shared.security import BearerTokenInterceptor, TLSConfig, load_tokens
 
 log = logging.getLogger(__name__)
@@ -350,12 +353,32 @@ class _Undecodable:
         self.error = error
 
 
-def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+def add_service(
+    server: grpc.aio.Server,
+    servicer: object,
+    service: Any,
+    errors: ErrorMap | None = None,
+    on_error: StatusHook | None = None,
+) -> None:
     """Registers ``servicer`` for ``service`` (a ServiceDescriptor) like the generated
-    ``add_*Servicer_to_server``, except that a request that cannot be decoded is answered
-    INVALID_ARGUMENT (grpc's own deserializer failure gives UNKNOWN)."""
+    ``add_*Servicer_to_server``, with two differences:
+
+    * a request that cannot be decoded is answered INVALID_ARGUMENT (grpc's own deserializer
+      failure gives UNKNOWN);
+    * an exception raised by a method (or while a stream is being produced) becomes a status
+      through ``errors`` (:class:`shared.rpc_errors.ErrorMap`, the service's one map), and
+      ``on_error(code)`` is told (the service's rejected-requests metric).
+    """
     from google.protobuf import message_factory
     from google.protobuf.message import DecodeError
+
+    emap = errors or ErrorMap()
+
+    async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, message = emap.status(exc)
+        if on_error is not None:
+            on_error(code)
+        await context.abort(code, message)
 
     handlers = {}
     for method in service.methods:
@@ -374,12 +397,17 @@ def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None
         if method.server_streaming:
 
             async def stream(request, context, fn=behaviour):
-                if isinstance(request, _Undecodable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
-                    )
-                async for item in fn(request, context):
-                    yield item
+                try:
+                    if isinstance(request, _Undecodable):
+                        raise RpcError(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
+                        )
+                    async for item in fn(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await fail(context, e)
 
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=parse, response_serializer=resp_cls.SerializeToString
@@ -387,11 +415,16 @@ def add_service(server: grpc.aio.Server, servicer: object, service: Any) -> None
         else:
 
             async def unary(request, context, fn=behaviour):
-                if isinstance(request, _Undecodable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
-                    )
-                return await fn(request, context)
+                try:
+                    if isinstance(request, _Undecodable):
+                        raise RpcError(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {request.error}"
+                        )
+                    return await fn(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await fail(context, e)
 
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=parse, response_serializer=resp_cls.SerializeToString

@@ -94,12 +94,49 @@ def test_engine_from_s3_manifest(tmp_path: Path, s3_env: str) -> None:
 
 
 def test_hf_shards_convert_a_checkpoint_dir(tmp_path: Path) -> None:
+    """The test helper that converts a checkpoint directory in process gives the rank files the real
+    prep pipeline writes (read with safetensors, not through exec), and its shards reassemble into
+    the HF tensors, fused by name here."""
+    from safetensors.torch import load_file
+
+    from shared.layout import unshard
     from tests.hf_reference import HFShards
 
     model = tiny_hf(seed=32, tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "ckpt")
     src = HFShards(tmp_path / "ckpt", tp=2)
-    want = shards_from_hf_state_dict(model.state_dict(), src.arch, src.target)
+    got = [src.load(r) for r in range(2)]
+
+    res = prepare(
+        PrepareRequest(
+            source=str(tmp_path / "ckpt"), tp_degree=2, dtype="float32", output=f"file://{tmp_path}/store"
+        )
+    )
+    root = Path(res.manifest_uri.removeprefix("file://")).parent
     for r in range(2):
-        got = src.load(r)
-        assert sorted(got) == sorted(want[r]) and all(torch.equal(got[k], want[r][k]) for k in got)
+        written = load_file(str(root / f"shards/rank-{r:05d}-of-00002.safetensors"))
+        assert sorted(got[r]) == sorted(written)
+        for k in written:
+            assert torch.equal(got[r][k], written[k]), (r, k)
+        assert got[r]["rank"].tolist() == [r]
+
+    hf = model.state_dict()
+    want = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    for i in range(model.config.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        want |= {
+            f"layers.{i}.input_norm.weight": hf[f"model.layers.{i}.input_layernorm.weight"],
+            f"layers.{i}.post_attn_norm.weight": hf[f"model.layers.{i}.post_attention_layernorm.weight"],
+            f"layers.{i}.attn.qkv.weight": torch.cat([hf[a + f"{x}_proj.weight"] for x in "qkv"]),
+            f"layers.{i}.attn.o.weight": hf[a + "o_proj.weight"],
+            f"layers.{i}.mlp.gate_up.weight": torch.cat(
+                [hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]
+            ),
+            f"layers.{i}.mlp.down.weight": hf[m + "down_proj.weight"],
+        }
+    assert sorted(k for k in got[0] if k != "rank") == sorted(want)  # tied: no lm_head
+    for k, full in want.items():
+        assert torch.equal(unshard(k, [g[k] for g in got], src.arch, src.target), full), k
+    # split, not replicated: each rank holds half of the MLP's intermediate columns
+    cfg = model.config
+    assert got[0]["layers.0.mlp.down.weight"].shape == (cfg.hidden_size, cfg.intermediate_size // 2)

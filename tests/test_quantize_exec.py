@@ -7,7 +7,7 @@
   independent implementation of the model.
 * The cpu ``int8pack`` kernel (bfloat16 activations) against the exact result.
 * SmolLM2-135M-Instruct (the real model, slow): perplexity on a shipped 2,224-token text within 3% of
-  fp32 (fp32 itself equal to transformers'), greedy agreement with fp32 printed and first-step
+  fp32 (fp32 itself equal to transformers'), greedy agreement with fp32 >= 80/160 tokens and first-step
   cosine >= 0.99 for 5 prompts, tp 2 == tp 1 for the int8 artifact, and an exec server reporting
   the scheme in GetModelInfo while streaming the same tokens.
 """
@@ -269,6 +269,12 @@ def test_smollm2_int8_agreement_and_first_step_cosine(smol) -> None:
         assert a[0] == b[0], (text, tok.decode(a), tok.decode(b))
     agree = sum(x == y for a, b in zip(fp_tokens, q_tokens, strict=True) for x, y in zip(a, b, strict=True))
     print(f"\nint8 vs fp32 greedy agreement: {agree}/{32 * len(prompts)} tokens\n" + "\n".join(lines))
+    # Recorded: 98/160 (per prompt 32, 32, 22, 11, 1) and 100/160 (32, 32, 22, 11, 3) in the run
+    # that set this floor; the first token equal for all five (asserted above). One flipped near-tie
+    # changes the rest of a greedy sequence, so the count is noisy by nature; the floor, half of the
+    # 160, leaves ~20 tokens of margin for rounding changes in the int8 kernel and still fails when
+    # int8 drifts from fp32 early in most prompts.
+    assert agree >= 80, agree
     assert "Paris" in tok.decode(q_tokens[0])
 
 

@@ -30,6 +30,8 @@ def test_soak(artifacts) -> None:  # noqa: F811
     server = psutil.Process(proc.pid)
     outcomes: Counter[str] = Counter()
     finals: Counter[str] = Counter()  # request id -> number of final messages seen
+    ended_ok: set[str] = set()  # request ids of the streams that ended with status OK
+    bad_streams: list[str] = []  # those whose messages were not: ..., exactly one final, nothing after
     sent: set[str] = set()
     rss: list[tuple[float, int]] = []
     try:
@@ -54,14 +56,27 @@ def test_soak(artifacts) -> None:  # noqa: F811
                 call = stub.Generate(req, timeout=timeout)
                 try:
                     got = 0
+                    last_msg: exec_pb2.GenerateResponse | None = None
+                    after_final = 0  # messages received after the one with finish_reason
                     async for msg in call:
                         assert msg.request_id == rid
                         got += len(msg.token_ids)
+                        after_final += finals[rid] > 0
                         if msg.finish_reason:
                             finals[rid] += 1
+                        last_msg = msg
                         if kind == "cancel" and got >= 2:
                             call.cancel()
                             break
+                    else:  # the stream ended OK: exactly one final message, the last one
+                        if finals[rid] != 1 or after_final or last_msg is None:
+                            bad_streams.append(f"{rid}: {finals[rid]} finals, {after_final} after")
+                        elif not (
+                            last_msg.finish_reason == exec_pb2.LENGTH  # ignore_eos, prompt + 48 < max_seq_len
+                            and last_msg.usage.completion_tokens == got == req.stopping.max_new_tokens
+                        ):
+                            bad_streams.append(f"{rid}: {got} tokens streamed, final {last_msg}")
+                        ended_ok.add(rid)
                     outcomes["cancelled" if kind == "cancel" and got >= 2 else "ok"] += 1
                 except grpc.aio.AioRpcError as e:
                     outcomes[e.code().name] += 1
@@ -104,6 +119,8 @@ def test_soak(artifacts) -> None:  # noqa: F811
     assert set(outcomes) <= {"ok", "cancelled", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, outcomes
     assert outcomes["ok"] > total // 2
     assert all(v == 1 for v in finals.values())  # never answered twice
+    # every stream that ended OK: one final message, nothing after it, the tokens it reports
+    assert len(ended_ok) == outcomes["ok"] and not bad_streams, bad_streams[:5]
     assert info.free_slots == info.max_batch_size and info.running_requests == 0  # no slot leaked
     at_60 = min((abs(t - DURATION_S / 2), m) for t, m in rss)[1]  # the start of the second minute
     last = rss[-1][1]

@@ -155,11 +155,10 @@ def test_l2_qk_norm_is_weightless_rms() -> None:
 @pytest.mark.parametrize(
     "field,value",
     [
-        # MoE, NoPE, chunked attention, temperature tuning, longrope, partial rotary: implemented
-        # (tests/test_families_exec.py, tests/test_family_modules.py)
-        ("rope", RopeConfig(kind="yarn", factor=2.0)),
-        ("rope", RopeConfig(kind="dynamic", factor=2.0)),
+        # MoE, NoPE, chunked attention, temperature tuning, every rope kind, partial rotary:
+        # implemented (tests/test_families_exec.py, tests/test_family_modules.py, tests/test_rope.py)
         ("rope", RopeConfig(partial_rotary_factor=0.1)),  # rotary dim int(8 * 0.1) = 0
+        ("rope", RopeConfig(kind="dynamic", factor=2.0, partial_rotary_factor=0.25)),  # dim 2
     ],
 )
 def test_unimplemented_options_fail_at_build(field: str, value) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from exec_service.model import rope as rope_mod
 from exec_service.model.collectives import SINGLE, Collectives
+from exec_service.model.layers import ACTIVATIONS, RMSNorm, additive_mask, rms_norm
 from exec_service.model.moe import MoE
 from exec_service.model.parallel import (
     ColumnParallelLinear,
@@ -48,44 +49,6 @@ class KVStore(Protocol):
     def read(
         self, layer: int, kv_len: int, slots: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-_ACTS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype."""
-    dtype = x.dtype
-    if dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
-        # one call to torch's composite (pow, mean, add, rsqrt, mul, mul: transformers' ops in the
-        # same order, so bit-identical in fp32) instead of ~8 Python-dispatched ops
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = h.to(dtype)
-    return h if weight is None else weight * h
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, S, K] bool (True = may attend) -> [B, 1, S, K] 0 / -inf, what SDPA adds to the scores
-    (built once per step rather than converted by SDPA in every layer)."""
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask, float("-inf"))[:, None]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -189,7 +152,7 @@ class MLP(nn.Module):
             arch.hidden_size, 2 * i, arch.mlp_bias, dtype, int8
         )  # [gate_r; up_r]
         self.down = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, dtype, comm, int8)
-        self.act = _ACTS[arch.hidden_act]
+        self.act = ACTIVATIONS[arch.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -266,18 +229,29 @@ class DecoderModel(nn.Module):
             long = rope_mod.longrope_freqs(arch.rope, arch.head_dim)[1]
             self.register_buffer("inv_freq_long", long, persistent=False)
             self.rope_original_max = arch.rope.original_max_position_embeddings
+        # dynamic: rows longer than max_position_embeddings compute their own table (rope.py)
+        self.dynamic = arch.rope.kind == "dynamic"
 
     def rotary(
         self, positions: torch.Tensor, last_idx: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sign-folded sin (``rope.fold_sign``) [B, S, 1, R]. longrope: a row whose sequence length (position of its last real
-        token + 1) exceeds original_max_position_embeddings uses the long table, else the short one
-        (transformers' choice from max(position_ids) + 1, made per row by a tensor condition)."""
-        cos, sin = rope_mod.cos_sin(positions, self.inv_freq, dtype, self.rope_scaling)
-        if self.longrope:
-            cos_l, sin_l = rope_mod.cos_sin(positions, self.inv_freq_long, dtype, self.rope_scaling)
+        """cos, sign-folded sin (``rope.fold_sign``) [B, S, 1, R]. A row's sequence length is the
+        position of its last selected token + 1 (transformers: max(position_ids) + 1), and the
+        length-dependent kinds choose per row by a tensor condition on it:
+        longrope: above original_max_position_embeddings the long table, else the short one;
+        dynamic: above max_position_embeddings the row's own NTK-rescaled table, else the original."""
+        if self.longrope or self.dynamic:
             last = last_idx.view(positions.shape[0], -1)[:, -1:]  # [B, 1] (the last selected token)
             seq_len = positions.gather(1, last) + 1  # [B, 1]
+        if self.dynamic:
+            arch = self.arch
+            grown = rope_mod.dynamic_freqs(arch.rope, arch.head_dim, arch.max_position_embeddings, seq_len)
+            freq = torch.where(seq_len > arch.max_position_embeddings, grown, self.inv_freq)  # [B, R/2]
+            cos, sin = rope_mod.cos_sin(positions, freq[:, None], dtype, self.rope_scaling)
+        else:
+            cos, sin = rope_mod.cos_sin(positions, self.inv_freq, dtype, self.rope_scaling)
+        if self.longrope:
+            cos_l, sin_l = rope_mod.cos_sin(positions, self.inv_freq_long, dtype, self.rope_scaling)
             long = (seq_len > self.rope_original_max).view(-1, 1, 1, 1)
             cos, sin = torch.where(long, cos_l, cos), torch.where(long, sin_l, sin)
         return cos, rope_mod.fold_sign(sin)

@@ -28,19 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from exec_service.model.collectives import Collectives
+from exec_service.model.layers import ACTIVATIONS, zeros_param
 from exec_service.model.parallel import divide
 from shared.families.base import Architecture, MoEConfig
 from shared.layout import Target
 
 
-def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
-
-
 class Router(nn.Module):
     def __init__(self, hidden: int, moe: MoEConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = _param(moe.num_experts, hidden, dtype=dtype)  # [E, hidden], replicated
+        self.weight = zeros_param(moe.num_experts, hidden, dtype=dtype)  # [E, hidden], replicated
         self.kind, self.top_k, self.norm_topk_prob = moe.router, moe.top_k, moe.norm_topk_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,16 +61,16 @@ class Experts(nn.Module):
     ) -> None:
         super().__init__()
         wdt = torch.int8 if quantized else dtype
-        self.gate_up = _param(num_experts, 2 * inter_r, hidden, dtype=wdt)  # [E, 2 I_r, H]
-        self.down = _param(num_experts, hidden, inter_r, dtype=wdt)  # [E, H, I_r]
-        self.gate_up_scale = _param(num_experts, 2 * inter_r, dtype=torch.float32) if quantized else None
-        self.down_scale = _param(num_experts, hidden, dtype=torch.float32) if quantized else None
+        self.gate_up = zeros_param(num_experts, 2 * inter_r, hidden, dtype=wdt)  # [E, 2 I_r, H]
+        self.down = zeros_param(num_experts, hidden, inter_r, dtype=wdt)  # [E, H, I_r]
+        self.gate_up_scale = zeros_param(num_experts, 2 * inter_r, dtype=torch.float32) if quantized else None
+        self.down_scale = zeros_param(num_experts, hidden, dtype=torch.float32) if quantized else None
 
 
 def _weight(out: int, inp: int, dtype: torch.dtype, quantized: bool) -> nn.Module:
     m = nn.Module()
-    m.weight = _param(out, inp, dtype=torch.int8 if quantized else dtype)
-    m.weight_scale = _param(out, dtype=torch.float32) if quantized else None
+    m.weight = zeros_param(out, inp, dtype=torch.int8 if quantized else dtype)
+    m.weight_scale = zeros_param(out, dtype=torch.float32) if quantized else None
     return m
 
 
@@ -118,7 +115,7 @@ class MoE(nn.Module):
             si = divide(moe.shared_expert_intermediate_size, tp, "shared expert intermediate_size")
             self.shared = SharedExpert(h, si, dtype, quantized)
         self.scale_input = moe.router_applied_to_input
-        self.act = _act(arch.hidden_act)
+        self.act = ACTIVATIONS[arch.hidden_act]
         self.comm = comm
 
     def _mlp(self, x: torch.Tensor, gate_up, down) -> torch.Tensor:
@@ -147,9 +144,3 @@ class MoE(nn.Module):
                 + out
             )
         return self.comm.all_reduce(out).reshape(shape)
-
-
-def _act(name: str):
-    from exec_service.model.decoder import _ACTS  # one activation table
-
-    return _ACTS[name]

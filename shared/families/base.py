@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "longrope", "yarn", "none")
+ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")  # prep and exec: all
 QK_NORM_KINDS = ("none", "rms", "l2")
 
 
@@ -36,8 +36,16 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     # yarn / longrope attention scaling (None = derived as transformers does)
     attention_factor: float | None = None
+    # yarn: the ramp between extrapolated and interpolated frequencies spans the dims that turn
+    # beta_fast .. beta_slow times over original_max_position_embeddings (None or 0 = 32 / 1);
+    # ``truncate`` rounds that range outwards to whole dims
     beta_fast: float | None = None
     beta_slow: float | None = None
+    truncate: bool = True
+    # yarn without attention_factor: mscale / mscale_all_dim (both set and non-zero) give
+    # (0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1), else 0.1 ln f + 1
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
     # fraction of head_dim that is rotated (Phi-3 partial rotary); 1.0 = all
     partial_rotary_factor: float = 1.0
 

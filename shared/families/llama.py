@@ -12,7 +12,8 @@ CONVERTER_VERSION = "llama-1"
 
 def rope_from_hf(cfg: Mapping[str, Any], head_dim: int) -> RopeConfig:
     """Rope settings from either transformers-5 ``rope_parameters`` or the older
-    ``rope_theta`` + ``rope_scaling`` pair found in most hub checkpoints."""
+    ``rope_theta`` + ``rope_scaling`` pair found in most hub checkpoints, with transformers'
+    defaults resolved here (once) where exec would otherwise have to guess them."""
     params = dict(cfg.get("rope_parameters") or {})
     legacy = dict(cfg.get("rope_scaling") or {})
     merged = {**legacy, **params}
@@ -21,6 +22,7 @@ def rope_from_hf(cfg: Mapping[str, Any], head_dim: int) -> RopeConfig:
     if kind == "su":  # Phi-3's older name for longrope
         kind = "longrope"
     partial = float(merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0)
+    max_pos = int(cfg.get("max_position_embeddings", 2048))
 
     def opt_float(key: str) -> float | None:
         v = merged.get(key)
@@ -30,11 +32,35 @@ def rope_from_hf(cfg: Mapping[str, Any], head_dim: int) -> RopeConfig:
         v = merged.get(key)
         return None if v is None else tuple(float(x) for x in v)
 
-    orig = merged.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if kind in ("llama3", "yarn", "longrope"):
+        # transformers (standardize_rope_params): a top-level value wins over the rope dict's
+        orig = cfg.get("original_max_position_embeddings", merged.get("original_max_position_embeddings"))
+    else:
+        orig = merged.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    factor = float(merged.get("factor", 1.0) or 1.0)
+    extra: dict[str, Any] = {}
+    if kind == "yarn":
+        orig = max_pos if orig is None else orig  # transformers' default
+        f = merged.get("factor")
+        factor = max_pos / int(orig) if f is None else float(f)  # no factor: the implicit ratio
+        # transformers reads ``truncate`` with ``if truncate:``, so an explicit null means False
+        extra = dict(
+            truncate=bool(merged.get("truncate", True)),
+            mscale=opt_float("mscale"),
+            mscale_all_dim=opt_float("mscale_all_dim"),
+        )
+    dim = int(head_dim * partial)  # the rotated features of a head (exec's rope.rotary_dim)
+    if dim <= 0 or dim % 2 or dim > head_dim:
+        raise UnsupportedModel(
+            f"rotary dim {dim} (head_dim {head_dim} x partial_rotary_factor {partial}) must be even "
+            "and in (0, head_dim]"
+        )
+    if kind in ("yarn", "dynamic"):
+        _check_scaled_rope(str(kind), merged, factor, dim)
     return RopeConfig(
         kind=str(kind),
         theta=theta,
-        factor=float(merged.get("factor", 1.0) or 1.0),
+        factor=factor,
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=None if orig is None else int(orig),
@@ -44,7 +70,21 @@ def rope_from_hf(cfg: Mapping[str, Any], head_dim: int) -> RopeConfig:
         beta_fast=opt_float("beta_fast"),
         beta_slow=opt_float("beta_slow"),
         partial_rotary_factor=partial,
+        **extra,
     )
+
+
+def _check_scaled_rope(kind: str, merged: Mapping[str, Any], factor: float, dim: int) -> None:
+    """What exec could not reproduce exactly (transformers itself fails or yields NaN) is refused here,
+    at prep, with the reason."""
+    if kind == "dynamic" and merged.get("factor") is None:
+        raise UnsupportedModel("rope_type 'dynamic' needs a 'factor' (transformers requires one)")
+    if factor <= 0:
+        raise UnsupportedModel(f"rope_type {kind!r}: factor must be positive, got {factor}")
+    if kind == "dynamic" and dim <= 2:
+        raise UnsupportedModel(
+            f"rope_type 'dynamic' needs a rotary dim > 2 (its base exponent is dim / (dim - 2)), got {dim}"
+        )
 
 
 def _eos(cfg: Mapping[str, Any]) -> tuple[int, ...]:

@@ -75,12 +75,14 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def assert_export_matches_eager(runner, spec, ep) -> None:
     """The exported program ``ep`` of ``runner.graphs[spec]`` computes what the eager graph does,
-    each from an empty KV cache."""
-    from exec_service.runtime.graphs import example_inputs
+    each from an empty KV cache (every output, by name)."""
+    from exec_service.runtime.graphs import example_inputs, example_step
 
     runner.cache.reset()
-    want = runner.run(spec, example_inputs(spec))
+    want = runner.run(spec, example_step(spec))
     runner.cache.reset()
     got = ep.module()(*example_inputs(spec))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
+    names = runner.graphs[spec].output_names
+    assert len(got) == len(names), (spec.name, names)
+    for name, value in zip(names, got, strict=True):
+        torch.testing.assert_close(value, getattr(want, name), msg=lambda m, n=name: f"{spec.name} {n}: {m}")

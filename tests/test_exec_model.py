@@ -15,6 +15,7 @@ from exec_service.model.rope import inv_freq
 from exec_service.runtime.graphs import CONTEXT, GraphSpec, make_mask
 from exec_service.runtime.runner import Runner, RuntimeConfig
 from exec_service.runtime.sampling import NEUTRAL_PARAMS
+from exec_service.runtime.step_io import StepInputs
 from shared.families.base import RopeConfig
 from shared.layout import make_target
 from tests.hf_reference import arch_of, hf_last_logits, source_from_hf, tiny_hf
@@ -34,18 +35,18 @@ def first_logits(source, prompt=PROMPT) -> torch.Tensor:
     spec = GraphSpec(CONTEXT, 1, s, 16, rc.max_suppressed_ids)
     out = runner.run(
         spec,
-        (
-            ids,
-            pos,
-            torch.tensor([0]),
-            make_mask(pos, 16),
-            torch.tensor([len(prompt) - 1]),
-            params,
-            torch.zeros(1),
-            torch.full((1, rc.max_suppressed_ids), -1),
+        StepInputs(
+            input_ids=ids,
+            positions=pos,
+            slots=torch.tensor([0]),
+            mask=make_mask(pos, 16),
+            last_idx=torch.tensor([len(prompt) - 1]),
+            suppress_ids=torch.full((1, rc.max_suppressed_ids), -1),
+            params=params,
+            uniforms=torch.zeros(1),
         ),
     )
-    return out[4][0]
+    return out.logits[0]
 
 
 def test_divide_fails_early() -> None:

@@ -3,15 +3,19 @@ cache interface, on-device sampling against transformers' logits processors, bac
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
 from exec_service.model.collectives import SINGLE
 from exec_service.runtime.backends import BackendUnavailable, get_backend
-from exec_service.runtime.graphs import CONTEXT, DECODE, example_inputs
+from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, StepGraph, example_inputs, example_step
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.runner import Runner, RuntimeConfig
 from exec_service.runtime.sampling import NUM_PARAMS, PARAM_FIELDS, sample
+from exec_service.runtime.step_io import INPUTS, StepInputs, StepIOError, StepOutputs
 from tests.helpers import assert_export_matches_eager
 from tests.hf_reference import source_from_hf, tiny_hf
 
@@ -32,6 +36,80 @@ def test_graph_set_and_distinct_signatures() -> None:
     one = RuntimeConfig(max_batch_size=1, max_seq_len=32, context_buckets=(2, 4, 32))
     sigs = [s.input_shapes() for s in one.graph_specs()]
     assert len(set(sigs)) == len(sigs)
+
+
+def test_graph_arguments_are_the_named_step_inputs() -> None:
+    """Each graph's forward takes exactly its spec's input names, in order, and ``StepInputs``
+    holds every input any graph takes (``INPUTS`` gives them all a dtype and a symbolic shape)."""
+    from exec_service.runtime.graphs import GreedyStepGraph
+
+    assert set(INPUTS) == {f.name for f in dataclasses.fields(StepInputs)}
+    specs = SMALL.graph_specs()
+    for spec in specs:
+        module = GreedyStepGraph if spec.greedy else StepGraph
+        assert tuple(inspect.signature(module.forward).parameters)[1:] == spec.input_names(), spec.name
+        assert set(spec.input_names()) <= set(INPUTS)
+        inputs = example_step(spec)
+        assert tuple(tuple(t.shape) for t in inputs.args(spec)) == spec.input_shapes()
+        again = StepInputs.from_args(spec, example_inputs(spec))
+        assert all(torch.equal(a, b) for a, b in zip(again.args(spec), inputs.args(spec), strict=True))
+    assert {s.input_names() for s in specs} == {
+        ("input_ids", "positions", "slots", "mask", "last_idx", "params", "uniforms", "suppress_ids"),
+        ("input_ids", "positions", "slots", "mask", "last_idx", "suppress_ids"),
+    }
+
+
+def test_step_inputs_check_their_invariants() -> None:
+    full = GraphSpec(DECODE, 2, 1, 16, 3)
+    greedy = dataclasses.replace(full, greedy=True)
+    ok = example_step(full)
+    ok.check(full)
+    with pytest.raises(StepIOError, match="graph tkg_b2_s1_k16_greedy takes no params"):
+        ok.check(greedy)
+    bare = dataclasses.replace(ok, params=None, uniforms=None)
+    bare.check(greedy)
+    with pytest.raises(StepIOError, match="graph tkg_b2_s1_k16 needs params"):
+        bare.args(full)
+    with pytest.raises(
+        StepIOError, match=r"mask has shape \[2, 1, 16\], expected \[2, 1, 32\] \[B,S,K\] bool"
+    ):
+        ok.check(dataclasses.replace(full, kv_len=32))
+    with pytest.raises(StepIOError, match=r"suppress_ids has shape \[2, 3\], expected \[2, 4\]"):
+        ok.check(dataclasses.replace(full, suppress=4))
+    # the tensors agree with each other whatever the graph: dtypes, ranks, one size per symbol
+    with pytest.raises(StepIOError, match=r"positions must be \[B,S\] int64, got \[2, 1\] int32"):
+        dataclasses.replace(ok, positions=ok.positions.int())
+    with pytest.raises(StepIOError, match="slots must be"):
+        dataclasses.replace(ok, slots=ok.slots[None])
+    with pytest.raises(StepIOError, match="B is 2 in input_ids but 3 in slots"):
+        dataclasses.replace(ok, slots=torch.arange(3))
+    with pytest.raises(StepIOError, match="takes 6 inputs"):
+        StepInputs.from_args(greedy, example_inputs(full))
+    # outputs: named, one row per batch row
+    out = StepOutputs.from_graph(("tokens", "logits"), (torch.zeros(2, dtype=torch.int64), torch.zeros(2, 5)))
+    assert out.logits is not None and out.logprob is None
+    with pytest.raises(StepIOError, match="returned 1 outputs"):
+        StepOutputs.from_graph(("tokens", "logits"), (torch.zeros(2),))
+    with pytest.raises(StepIOError, match="logprob has shape"):
+        StepOutputs(torch.zeros(2, dtype=torch.int64), logprob=torch.zeros(3))
+
+
+def test_tp_step_header_and_payload_carry_every_variant() -> None:
+    """The TP broadcast: the header carries the whole spec (greedy included), the payload the inputs
+    the spec names, bit for bit (pure functions; the tp = 2 runs are in test_exec_tp.py)."""
+    from exec_service.runtime.executor import _OP_RUN, _header, _pack, _spec_of, _unpack
+
+    for spec in SMALL.graph_specs():
+        header = _header(_OP_RUN, spec)
+        assert int(header[0]) == _OP_RUN and _spec_of(header) == spec
+        sent = dataclasses.replace(example_step(spec), input_ids=torch.randint(0, 99, (spec.batch, spec.seq)))
+        got = _unpack(spec, _pack(spec, sent))
+        for name in spec.input_names():
+            a, b = getattr(got, name), getattr(sent, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), (spec.name, name)
+        assert (got.params is None) == spec.greedy
+    with pytest.raises(StepIOError, match="takes no params"):  # checked before anything is sent
+        _pack(GraphSpec(DECODE, 2, 1, 16, 72, greedy=True), example_step(GraphSpec(DECODE, 2, 1, 16, 72)))
 
 
 def test_runtime_config_validation() -> None:
@@ -244,24 +322,33 @@ def test_greedy_graph_equals_full_graph() -> None:
     ids = torch.randint(0, src.arch.vocab_size, (3, 1))
     pos = torch.tensor([[3], [17], [0]])
     sup = torch.full((3, m), -1)
-    head = (ids, pos, torch.arange(3), make_mask(pos, 32), torch.zeros(3, dtype=torch.int64))
     params = torch.tensor([NEUTRAL_PARAMS] * 3)
-    want = runner.run(full, (*head, params, torch.rand(3), sup))
+
+    def step(spec: GraphSpec):
+        inputs = StepInputs(
+            ids, pos, torch.arange(3), make_mask(pos, 32), torch.zeros(3, dtype=torch.int64), sup
+        )
+        if not spec.greedy:
+            inputs = dataclasses.replace(inputs, params=params, uniforms=torch.rand(3))
+        return runner.run(spec, inputs)
+
+    want = step(full)
     counts = runner.counts.counts.clone()
-    got = runner.run(fast, (*head, sup))
-    assert len(got) == 2 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[4])
-    assert torch.equal(got[0], want[4].argmax(-1))
+    got = step(fast)
+    assert got.logprob is None and got.top_ids is None and got.logits is not None  # tokens + logits only
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    assert torch.equal(got.tokens, want.logits.argmax(-1))
     assert torch.equal(runner.counts.counts, counts)  # no counts update
     # suppressed ids (min_new_tokens) are never chosen; -1 and repeats are harmless
-    sup[0, :3] = torch.tensor([int(want[0][0]), -1, int(want[0][0])])
-    sup[1, 0] = int(want[0][1])
-    want = runner.run(full, (*head, params, torch.rand(3), sup))
-    got = runner.run(fast, (*head, sup))
-    assert torch.equal(got[0], want[0]) and int(got[0][0]) != int(sup[0, 0])
-    assert torch.equal(got[0][2:], want[0][2:])  # an unsuppressed row is unchanged
-    second = want[4][0].clone()
+    sup[0, :3] = torch.tensor([int(want.tokens[0]), -1, int(want.tokens[0])])
+    sup[1, 0] = int(want.tokens[1])
+    want = step(full)
+    got = step(fast)
+    assert torch.equal(got.tokens, want.tokens) and int(got.tokens[0]) != int(sup[0, 0])
+    assert torch.equal(got.tokens[2:], want.tokens[2:])  # an unsuppressed row is unchanged
+    second = want.logits[0].clone()
     second[sup[0, 0]] = float("-inf")
-    assert int(got[0][0]) == int(second.argmax())
+    assert int(got.tokens[0]) == int(second.argmax())
 
 
 def test_greedy_tokens_merge_ranks() -> None:

@@ -2,7 +2,8 @@
 
 Greedy parity with transformers at tp = 2 for the GQA layouts (plain split, forced CONVERT_TO_MHA,
 and 9 q / 3 kv heads padded to 10 q heads), first-step logits, seeded sampling identical to tp = 1,
-and clean worker shutdown."""
+the greedy decode graph at tp = 2 (the step header carries the graph variant), and clean worker
+shutdown."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from exec_service.engine import Engine, Request, RuntimeConfig, SamplingParams, StoppingCriteria
+from exec_service.runtime.graphs import DECODE, GraphSpec
 from tests.hf_reference import hf_greedy, hf_last_logits, source_from_hf, tiny_hf
 
 PROMPTS = [
@@ -95,6 +97,43 @@ def test_tp2_gqa_layouts(heads: int, kv: int, strategy: str | None, padded: int)
     assert src.target.num_heads_padded == padded
     with Engine(src, CONFIG) as engine:
         check_greedy_parity(model, engine)
+
+
+def _record_specs(engine: Engine) -> list[GraphSpec]:
+    """Every spec rank 0's runner runs from now on (the workers run what the header tells them)."""
+    ran: list[GraphSpec] = []
+    runner = engine.executor.runner
+    run = runner.run
+    runner.run = lambda spec, inputs: ran.append(spec) or run(spec, inputs)
+    return ran
+
+
+@pytest.mark.slow
+def test_tp2_greedy_graph_token_exact() -> None:
+    """All-greedy batches decode through tkg_*_greedy on both ranks, token-exact with transformers;
+    a batch with a sampled row runs the full graph and its greedy row stays token-exact, also when
+    the step switches to the greedy graph mid-stream once the sampled row has finished."""
+    model = tiny_hf(seed=24, tie_word_embeddings=True)  # vocab 101: padded to 102 over 2 ranks
+    ref = [hf_greedy(model, p, N) for p in PROMPTS]
+    with Engine(source_from_hf(model, tp=2), CONFIG) as engine:
+        assert engine.tp == 2 and engine.config.greedy_graphs
+        ran = _record_specs(engine)
+        res = engine.generate([greedy(p) for p in PROMPTS])
+        assert [t for t, _ in res.values()] == ref
+        decodes = [s for s in ran if s.kind == DECODE]
+        assert len(decodes) >= N - 1 and all(s.greedy for s in decodes)
+
+        half = StoppingCriteria(max_new_tokens=N // 2, ignore_eos=True)
+        sampled = Request(PROMPTS[1], SamplingParams(temperature=0.9, top_k=20, seed=3), half)
+        ((alone, _),) = engine.generate([sampled]).values()
+        ran.clear()
+        (mixed_greedy, _), (mixed_sampled, _) = engine.generate([greedy(PROMPTS[3]), sampled]).values()
+        assert mixed_greedy == ref[3]
+        assert mixed_sampled == alone  # seeded sampling: whatever else is batched, whichever graph
+        decodes = [s for s in ran if s.kind == DECODE]
+        full = [s for s in decodes if not s.greedy]
+        assert len(full) >= N // 2 - 1 and len(decodes) > len(full)  # full graph, then greedy
+        assert decodes[: len(full)] == full  # ... in that order
 
 
 class FailingSource:

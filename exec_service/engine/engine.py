@@ -31,6 +31,7 @@ from exec_service.runtime.executor import LocalExecutor, TPExecutor
 from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, context_bucket, kv_bucket, make_mask
 from exec_service.runtime.runner import RuntimeConfig
 from exec_service.runtime.sampling import NEUTRAL_PARAMS, NUM_PARAMS
+from exec_service.runtime.step_io import StepInputs, StepOutputs
 
 
 @dataclass
@@ -77,8 +78,6 @@ class Engine:
         self._free: list[int] = list(range(self.config.max_batch_size))
         self._aborted: list[str] = []
         self._ids = itertools.count()
-        # greedy decode graphs: tp = 1 only (the TP executor's step header carries no variant)
-        self._greedy_ok = config.greedy_graphs and self.tp == 1
 
     @classmethod
     def from_manifest(cls, manifest_uri: str, config: RuntimeConfig | None = None, **kw) -> Engine:
@@ -249,15 +248,15 @@ class Engine:
             ids[0, :n] = torch.tensor(prompt[start : start + n])
             pos = torch.arange(start, start + s, dtype=torch.int64)[None]
             final = start + n == len(prompt)
-            inputs = (
-                ids,
-                pos,
-                torch.tensor([seq.slot], dtype=torch.int64),
-                make_mask(pos, spec.kv_len),
-                torch.tensor([n - 1], dtype=torch.int64),
-                torch.tensor([seq.request.sampling.as_row()], dtype=torch.float32),
-                torch.tensor([self._uniform(seq) if final else 0.0], dtype=torch.float32),
-                self._suppress_row(seq)[None],
+            inputs = StepInputs(
+                input_ids=ids,
+                positions=pos,
+                slots=torch.tensor([seq.slot], dtype=torch.int64),
+                mask=make_mask(pos, spec.kv_len),
+                last_idx=torch.tensor([n - 1], dtype=torch.int64),
+                suppress_ids=self._suppress_row(seq)[None],
+                params=torch.tensor([seq.request.sampling.as_row()], dtype=torch.float32),
+                uniforms=torch.tensor([self._uniform(seq) if final else 0.0], dtype=torch.float32),
             )
             out = self.executor.run(spec, inputs)
             start += n
@@ -276,43 +275,56 @@ class Engine:
             return done
         b = self.config.max_batch_size
         # a host-side choice between two static graphs (never a branch inside one)
-        greedy = self._greedy_ok and all(_plain_greedy(seq.request.sampling) for seq in running.values())
+        greedy = self.config.greedy_graphs and all(
+            _plain_greedy(seq.request.sampling) for seq in running.values()
+        )
         ids = torch.zeros(b, 1, dtype=torch.int64)
         pos = torch.zeros(b, 1, dtype=torch.int64)  # unused slots: padding rows at position 0 of their slot
-        params = torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
-        uni = torch.zeros(b, dtype=torch.float32)
         sup = torch.full((b, self.config.max_suppressed_ids), -1, dtype=torch.int64)
+        # the full sampler's inputs; the greedy graph takes neither (a greedy row draws nothing)
+        params = None if greedy else torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
+        uni = None if greedy else torch.zeros(b, dtype=torch.float32)
         for slot, seq in running.items():
             ids[slot, 0] = seq.generated[-1]
             pos[slot, 0] = seq.total_len - 1
             sup[slot] = self._suppress_row(seq)
-            if not greedy:  # a greedy row draws nothing: its uniforms would never be read
+            if params is not None and uni is not None:
                 params[slot] = torch.tensor(seq.request.sampling.as_row())
                 uni[slot] = self._uniform(seq)
         kv = kv_bucket(self.config.kv_buckets, int(pos.max()) + 1)
         spec = GraphSpec(DECODE, b, 1, kv, self.config.max_suppressed_ids, greedy=greedy)
-        slots = torch.arange(b, dtype=torch.int64)
-        head = (ids, pos, slots, make_mask(pos, spec.kv_len), torch.zeros(b, dtype=torch.int64))
-        out = self.executor.run(spec, (*head, sup) if greedy else (*head, params, uni, sup))
+        inputs = StepInputs(
+            input_ids=ids,
+            positions=pos,
+            slots=torch.arange(b, dtype=torch.int64),  # row b is slot b
+            mask=make_mask(pos, spec.kv_len),
+            last_idx=torch.zeros(b, dtype=torch.int64),
+            suppress_ids=sup,
+            params=params,
+            uniforms=uni,
+        )
+        out = self.executor.run(spec, inputs)
         for slot, seq in running.items():
             self._accept(seq, out, slot, pending.setdefault(seq.request_id, _Pending()))
             if seq.finish is not None:
                 done.append(seq)
         return done
 
-    def _accept(self, seq: _Seq, out: tuple[torch.Tensor, ...], row: int, pending: _Pending) -> None:
-        """``out``: (tokens, logprob, top_ids, top_logprobs[, logits]) of a full graph, or
-        (tokens[, logits]) of a greedy one (only run when no row wants logprobs)."""
-        tok = int(out[0][row])
+    def _accept(self, seq: _Seq, out: StepOutputs, row: int, pending: _Pending) -> None:
+        """Row ``row`` of a step's outputs is ``seq``'s next token (logprobs: full graphs only; the
+        greedy one runs only when no row wants them)."""
+        tok = int(out.tokens[row])
         seq.generated.append(tok)
         pending.tokens.append(tok)
         sp: SamplingParams = seq.request.sampling
         if sp.logprobs:
+            if out.logprob is None or out.top_ids is None or out.top_logprobs is None:
+                raise RuntimeError(f"request {seq.request_id} wants logprobs; this step's graph gave none")
             n = sp.top_logprobs
-            top = tuple(zip(out[2][row, :n].tolist(), out[3][row, :n].tolist(), strict=True))
-            pending.logprobs.append(TokenLogprob(tok, float(out[1][row]), top))
-        if self.config.return_logits:
-            pending.logits.append(out[-1][row].clone())
+            top = tuple(zip(out.top_ids[row, :n].tolist(), out.top_logprobs[row, :n].tolist(), strict=True))
+            pending.logprobs.append(TokenLogprob(tok, float(out.logprob[row]), top))
+        if out.logits is not None:
+            pending.logits.append(out.logits[row].clone())
         stop = seq.request.stopping
         if tok in stop.stop_token_ids:
             seq.finish = FinishReason.STOP_TOKEN

@@ -2,15 +2,19 @@
 
 * ``LocalExecutor``: tp = 1, one ``Runner`` in this process.
 * ``TPExecutor``: tp > 1 on cpu (gloo on 127.0.0.1) — this process is rank 0 and drives: for each
-  step it broadcasts a header (graph kind and shape) and the packed inputs; worker processes
-  (``torch.multiprocessing`` spawn, ranks 1..tp-1) receive them and run the same graph, so every
-  rank meets the same collectives. Workers load their own shard (the source is picklable), exit on a
+  step it broadcasts a header (the op and the whole ``GraphSpec``, every field, so every graph
+  variant — e.g. greedy — is carried) and then the step inputs the spec names, packed as one byte
+  buffer in ``spec.input_names()`` order; worker processes (``torch.multiprocessing`` spawn, ranks
+  1..tp-1) rebuild the spec and the ``StepInputs`` from them and run the same graph, so every rank
+  meets the same collectives. Workers load their own shard (the source is picklable), exit on a
   shutdown header, and also exit by themselves if this process disappears (no orphans).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import threading
 import time
@@ -22,11 +26,10 @@ import torch
 
 from exec_service.model.collectives import Collectives
 from exec_service.model.loading import ShardSource
-from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, make_mask
+from exec_service.runtime.graphs import KINDS, GraphSpec
 from exec_service.runtime.runner import Runner, RuntimeConfig
-from exec_service.runtime.sampling import NUM_PARAMS
+from exec_service.runtime.step_io import INPUTS, StepInputs, StepOutputs
 
-_KINDS = (CONTEXT, DECODE)
 _OP_STOP, _OP_RUN = 0, 1
 _GLOO_TIMEOUT = timedelta(seconds=120)
 
@@ -36,39 +39,58 @@ class LocalExecutor:
         self.tp = 1
         self.runner = Runner(source.arch, source.target, source.load(0), config)
 
-    def run(self, spec: GraphSpec, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def run(self, spec: GraphSpec, inputs: StepInputs) -> StepOutputs:
         return self.runner.run(spec, inputs)
 
     def close(self) -> None:
         pass
 
 
-def _pack(spec: GraphSpec, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, pos, slots, _mask, last, params, uni, sup = inputs  # the mask is rebuilt from positions
-    ints = torch.cat([t.reshape(-1).to(torch.int64) for t in (ids, pos, slots, last, sup)])
-    floats = torch.cat([params.reshape(-1), uni.reshape(-1)]).to(torch.float32)
-    return ints.contiguous(), floats.contiguous()
-
-
-def _buffers(spec: GraphSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    b, s, m = spec.batch, spec.seq, spec.suppress
-    return torch.zeros(2 * b * s + 2 * b + b * m, dtype=torch.int64), torch.zeros(b * NUM_PARAMS + b)
-
-
-def _unpack(spec: GraphSpec, ints: torch.Tensor, floats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    b, s, m = spec.batch, spec.seq, spec.suppress
-    ids, pos, slots, last, sup = ints.split([b * s, b * s, b, b, b * m])
-    params, uni = floats.split([b * NUM_PARAMS, b])
-    pos = pos.view(b, s)
-    mask = make_mask(pos, spec.kv_len)
-    return ids.view(b, s), pos, slots, mask, last, params.view(b, NUM_PARAMS), uni, sup.view(b, m)
+# -- the step header: [op, *every GraphSpec field as an int] (kind: its index in KINDS) -----------
+_SPEC_FIELDS = dataclasses.fields(GraphSpec)
+if any(f.name != "kind" and f.type not in ("int", "bool") for f in _SPEC_FIELDS):
+    raise TypeError("the TP step header carries GraphSpec's kind and int / bool fields only")
 
 
 def _header(op: int, spec: GraphSpec | None = None) -> torch.Tensor:
     if spec is None:
-        return torch.tensor([op, 0, 0, 0, 0, 0], dtype=torch.int64)
-    kind = _KINDS.index(spec.kind)
-    return torch.tensor([op, kind, spec.batch, spec.seq, spec.kv_len, spec.suppress], dtype=torch.int64)
+        return torch.tensor([op] + [0] * len(_SPEC_FIELDS), dtype=torch.int64)
+    values = [
+        KINDS.index(spec.kind) if f.name == "kind" else int(getattr(spec, f.name)) for f in _SPEC_FIELDS
+    ]
+    return torch.tensor([op, *values], dtype=torch.int64)
+
+
+def _spec_of(header: torch.Tensor) -> GraphSpec:
+    def value(f: dataclasses.Field, v: int) -> object:
+        return KINDS[v] if f.name == "kind" else bool(v) if f.type == "bool" else v
+
+    values = header[1:].tolist()
+    return GraphSpec(**{f.name: value(f, v) for f, v in zip(_SPEC_FIELDS, values, strict=True)})
+
+
+# -- the step inputs: the spec's inputs, in its order, as one byte buffer ------------------------
+def _sizes(spec: GraphSpec) -> list[int]:
+    dims = spec.dims()
+    return [math.prod(INPUTS[n].shape(dims)) * INPUTS[n].dtype.itemsize for n in spec.input_names()]
+
+
+def _pack(spec: GraphSpec, inputs: StepInputs) -> torch.Tensor:
+    """Checked (``StepInputs.args``) before anything is broadcast: a bad input never strands the
+    workers half-way through a step."""
+    parts = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in inputs.args(spec)]
+    return torch.cat(parts)
+
+
+def _unpack(spec: GraphSpec, payload: torch.Tensor) -> StepInputs:
+    dims = spec.dims()
+    names = spec.input_names()
+    # clone: each piece gets its own (aligned) storage before it is viewed as its dtype
+    parts = payload.split(_sizes(spec))
+    args = [
+        p.clone().view(INPUTS[n].dtype).view(INPUTS[n].shape(dims)) for n, p in zip(names, parts, strict=True)
+    ]
+    return StepInputs.from_args(spec, args)
 
 
 def _gloo_group(
@@ -113,12 +135,9 @@ def _worker_main(
         header = comm.broadcast(_header(_OP_STOP))
         if int(header[0]) != _OP_RUN:
             break
-        kind, b, s, k, m = (int(x) for x in header[1:])
-        spec = GraphSpec(_KINDS[kind], b, s, k, m)
-        ints, floats = _buffers(spec)
-        comm.broadcast(ints)
-        comm.broadcast(floats)
-        runner.run(spec, _unpack(spec, ints, floats))
+        spec = _spec_of(header)
+        payload = comm.broadcast(torch.empty(sum(_sizes(spec)), dtype=torch.uint8))
+        runner.run(spec, _unpack(spec, payload))
 
 
 def _shutdown(procs: list, comm: Collectives | None, alive: list[bool]) -> None:
@@ -207,14 +226,15 @@ class TPExecutor:
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def run(self, spec: GraphSpec, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def run(self, spec: GraphSpec, inputs: StepInputs) -> StepOutputs:
         if not self._alive[0]:
             raise RuntimeError("the TP executor is closed")
         assert self._comm is not None
-        ints, floats = _pack(spec, inputs)
+        if spec not in self.runner.graphs:
+            raise KeyError(f"no graph {spec.name} in this runtime's graph set")
+        payload = _pack(spec, inputs)
         self._comm.broadcast(_header(_OP_RUN, spec))
-        self._comm.broadcast(ints)
-        self._comm.broadcast(floats)
+        self._comm.broadcast(payload)
         return self.runner.run(spec, inputs)
 
     def close(self) -> None:

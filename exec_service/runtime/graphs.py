@@ -1,9 +1,12 @@
 """The static-shape step graphs (DESIGN §5) and their input-shape signatures.
 
-Every graph is ONE pure function of its tensor inputs (plus the cache / count buffers it updates):
+Every graph is ONE pure function of its tensor inputs (plus the cache / count buffers it updates).
+Its positional arguments are the step inputs its spec names (``GraphSpec.input_names()``; dtypes and
+symbolic shapes in ``step_io.INPUTS``), its outputs those ``StepGraph.output_names`` names; the engine
+and executors pass them as ``step_io.StepInputs`` / ``StepOutputs``:
 
-    (input_ids [B,S] i64, positions [B,S] i64, slots [B] i64, mask [B,S,K] bool, last_idx [B] i64,
-     params [B,NUM_PARAMS] f32, uniforms [B] f32, suppress_ids [B,M] i64)
+    full sampler: (input_ids [B,S] i64, positions [B,S] i64, slots [B] i64, mask [B,S,K] bool,
+                   last_idx [B] i64, params [B,NUM_PARAMS] f32, uniforms [B] f32, suppress_ids [B,M] i64)
       -> (tokens [B] i64, logprob [B] f32, top_ids [B,n] i64, top_logprobs [B,n] f32[, logits [B,V]])
 
 * context encoding ``ctx`` (B=1, S=context bucket >= 2, K=KV bucket >= start+S): prefill one slot,
@@ -14,7 +17,7 @@ Every graph is ONE pure function of its tensor inputs (plus the cache / count bu
   with neutral penalties and wants no logprobs (the host picks it, ``engine._decode``). Its sampler
   is one argmax after the suppressed ids (no penalties, no candidate top-k, no logsumexps, no token
   counts update: ~15 fewer full-vocab passes per step). It takes no params / uniforms inputs, so its
-  input signature (6 inputs) differs from the full graph's (8) and returns ``(tokens[, logits])``.
+  input signature (6 inputs) differs from the full graph's (8), and returns ``(tokens[, logits])``.
 
 The mask's K makes every (kind, S, K) a distinct input-shape signature; S >= 2 for context buckets
 keeps prefill and decode apart even at max_batch = 1.
@@ -30,9 +33,17 @@ from torch import nn
 from exec_service.model.decoder import DecoderModel
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import NUM_PARAMS, TokenCounts, greedy_tokens, sample
+from exec_service.runtime.step_io import INPUTS, StepInputs
 
 CONTEXT = "ctx"
 DECODE = "tkg"
+KINDS = (CONTEXT, DECODE)
+
+# each graph's positional arguments, in order (= StepGraph.forward / GreedyStepGraph.forward)
+SAMPLER_INPUTS = ("input_ids", "positions", "slots", "mask", "last_idx", "params", "uniforms", "suppress_ids")
+GREEDY_INPUTS = ("input_ids", "positions", "slots", "mask", "last_idx", "suppress_ids")
+SAMPLER_OUTPUTS = ("tokens", "logprob", "top_ids", "top_logprobs")
+GREEDY_OUTPUTS = ("tokens",)
 
 
 @dataclass(frozen=True, order=True)
@@ -45,7 +56,7 @@ class GraphSpec:
     greedy: bool = False  # the greedy-only sampler variant (token generation only; see above)
 
     def __post_init__(self) -> None:
-        if self.kind not in (CONTEXT, DECODE):
+        if self.kind not in KINDS:
             raise ValueError(f"unknown graph kind {self.kind!r}")
         if self.greedy and self.kind != DECODE:
             raise ValueError("only token-generation graphs have a greedy variant")
@@ -61,11 +72,21 @@ class GraphSpec:
         name = f"{self.kind}_b{self.batch}_s{self.seq}_k{self.kv_len}"
         return f"{name}_greedy" if self.greedy else name
 
+    def input_names(self) -> tuple[str, ...]:
+        """The graph's inputs, in argument order (no params / uniforms for the greedy sampler)."""
+        return GREEDY_INPUTS if self.greedy else SAMPLER_INPUTS
+
+    def output_names(self) -> tuple[str, ...]:
+        """The graph's outputs, in order, before the optional logits (``StepGraph.output_names``)."""
+        return GREEDY_OUTPUTS if self.greedy else SAMPLER_OUTPUTS
+
+    def dims(self) -> dict[str, int]:
+        """Sizes of the symbols of ``step_io.INPUTS`` shapes."""
+        return {"B": self.batch, "S": self.seq, "K": self.kv_len, "M": self.suppress, "P": NUM_PARAMS}
+
     def input_shapes(self) -> tuple[tuple[int, ...], ...]:
-        b, s, k = self.batch, self.seq, self.kv_len
-        if self.greedy:  # no params [B, NUM_PARAMS] / uniforms [B]
-            return ((b, s), (b, s), (b,), (b, s, k), (b,), (b, self.suppress))
-        return ((b, s), (b, s), (b,), (b, s, k), (b,), (b, NUM_PARAMS), (b,), (b, self.suppress))
+        dims = self.dims()
+        return tuple(INPUTS[name].shape(dims) for name in self.input_names())
 
 
 def make_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -74,25 +95,29 @@ def make_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     return j[None, None, :] <= positions[:, :, None]
 
 
-def example_inputs(spec: GraphSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Valid dummy inputs of the graph's signature (export, compile warm-up)."""
+def example_step(spec: GraphSpec, device: torch.device | str = "cpu") -> StepInputs:
+    """Valid dummy inputs of graph ``spec`` (export, compile warm-up)."""
     b, s, k = spec.batch, spec.seq, spec.kv_len
-    ids = torch.zeros(b, s, dtype=torch.int64, device=device)
     pos = torch.arange(s, device=device).expand(b, s).contiguous()
     params = torch.zeros(b, NUM_PARAMS, device=device)
     params[:, 2] = 1.0  # top_p
     params[:, 4] = 1.0  # repetition_penalty
-    head = (
-        ids,
-        pos,
-        torch.arange(b, dtype=torch.int64, device=device),
-        make_mask(pos, k),
-        torch.full((b,), s - 1, dtype=torch.int64, device=device),
+    sampler = "params" in spec.input_names()
+    return StepInputs(
+        input_ids=torch.zeros(b, s, dtype=torch.int64, device=device),
+        positions=pos,
+        slots=torch.arange(b, dtype=torch.int64, device=device),
+        mask=make_mask(pos, k),
+        last_idx=torch.full((b,), s - 1, dtype=torch.int64, device=device),
+        suppress_ids=torch.full((b, spec.suppress), -1, dtype=torch.int64, device=device),
+        params=params if sampler else None,
+        uniforms=torch.zeros(b, device=device) if sampler else None,
     )
-    suppress = torch.full((b, spec.suppress), -1, dtype=torch.int64, device=device)
-    if spec.greedy:
-        return (*head, suppress)
-    return (*head, params, torch.zeros(b, device=device), suppress)
+
+
+def example_inputs(spec: GraphSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """``example_step`` as the graph's positional arguments (``torch.export.export(graph, ...)``)."""
+    return example_step(spec, device).args(spec)
 
 
 class StepGraph(nn.Module):
@@ -112,6 +137,11 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model, self.cache, self.counts, self.spec = model, cache, counts, spec
         self.num_candidates, self.num_top, self.return_logits = num_candidates, num_top, return_logits
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of what ``forward`` returns, in order (``StepOutputs.from_graph``)."""
+        return (*self.spec.output_names(), "logits") if self.return_logits else self.spec.output_names()
 
     def forward(
         self,

@@ -1,6 +1,7 @@
 """One rank's runtime: the model with its shard loaded, the KV cache, the token counts and the step
 graphs for every static shape, run through a backend. The engine (rank 0) and TP workers (ranks > 0)
-each own one ``Runner`` and call ``run`` with identical inputs."""
+each own one ``Runner`` and call ``run`` with identical inputs: ``run(spec, StepInputs) ->
+StepOutputs`` converts between the named step I/O and the graph's positional tensors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from exec_service.runtime.backends import GraphFn, get_backend
 from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, graph_set
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import TokenCounts
+from exec_service.runtime.step_io import StepInputs, StepOutputs
 from shared.families.base import Architecture
 from shared.layout import Target
 
@@ -49,7 +51,7 @@ class RuntimeConfig:
     # GEMM here; eager only), "aten" = plain F.linear (MKL). Other dtypes/backends always use aten.
     cpu_linear: str = "onednn"
     # decode steps whose every row is greedy with neutral penalties and no logprobs run the
-    # tkg_*_greedy graph (one argmax instead of the full sampler; engine, tp = 1 only)
+    # tkg_*_greedy graph (one argmax instead of the full sampler; chosen by the engine)
     greedy_graphs: bool = True
     # int8 artifacts (prepare --quantize int8): "auto" = "int8pack" on cpu (aten._weight_int8pack_mm,
     # bfloat16 activations, up to INT8PACK_MAX_ROWS rows), "dequant" elsewhere ((x q^T) * scale in
@@ -156,8 +158,7 @@ class Runner:
         return self._fns[spec]
 
     @torch.no_grad()
-    def run(self, spec: GraphSpec, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        shapes = tuple(tuple(t.shape) for t in inputs)
-        if shapes != spec.input_shapes():
-            raise ValueError(f"graph {spec.name}: input shapes {shapes} != {spec.input_shapes()}")
-        return self.fn(spec)(*(t.to(self.device) for t in inputs))
+    def run(self, spec: GraphSpec, inputs: StepInputs) -> StepOutputs:
+        args = inputs.args(spec)  # checked against the spec, in its argument order
+        fn = self.fn(spec)
+        return StepOutputs.from_graph(self.graphs[spec].output_names, fn(*(t.to(self.device) for t in args)))

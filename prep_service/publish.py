@@ -23,11 +23,10 @@ import torch
 from prep_service.api import PrepareResult
 from prep_service.identity import PIPELINE_VERSION, Identity
 from prep_service.job import Job, Reporter, wait
-from prep_service.sources.digests import sha256_file
 from prep_service.st_io import PlannedTensor, StreamingWriter
 from shared.conversion import RANK_KEY, convert_rule, rank_tensor
 from shared.manifest import FileEntry, Manifest, shard_path
-from shared.storage import ObjectExists, ObjectStore, StoreError
+from shared.storage import ObjectExists, ObjectStore, StoreError, sha256_file
 
 log = logging.getLogger("neuron_serve.prep")
 

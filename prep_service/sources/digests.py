@@ -27,23 +27,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.storage import sha256_file  # a module global: tests count the files it hashes
+
 ENV = "NEURON_SERVE_DIGEST_CACHE"
 RACY_S = 2.0
-_CHUNK = 8 * 1024 * 1024
 _FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    """sha256 hex of a file, read in chunks into one reused buffer (memory stays bounded)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if on_bytes:
-                on_bytes(n)
-    return h.hexdigest()
 
 
 def _identity(st: os.stat_result) -> dict[str, int]:

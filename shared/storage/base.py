@@ -25,6 +25,7 @@ TMP_PREFIX = ".tmp-"
 """Name prefix of in-flight temp files. Reserved: no key segment may start with it."""
 
 COPY_CHUNK = 4 << 20
+HASH_CHUNK = 8 << 20
 MiB = 1 << 20
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -117,12 +118,17 @@ def check_sha256(sha256: str | None) -> str | None:
     return sha256
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Lowercase hex SHA-256 of a local file, read in chunks (never the whole file in memory)."""
+def sha256_file(path: str | os.PathLike[str], on_bytes: Callable[[int], None] | None = None) -> str:
+    """Lowercase hex SHA-256 of a local file, read in chunks into one reused buffer (memory stays
+    bounded); ``on_bytes(n)`` is called after each chunk (progress; raising from it stops)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            h.update(chunk)
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
     return h.hexdigest()
 
 

@@ -110,7 +110,7 @@ def table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 
 def smollm2_gguf() -> Path:
-    from exec_service.cli import smollm2_gguf as find
+    from shared.cli import smollm2_gguf as find
 
     return find()
 

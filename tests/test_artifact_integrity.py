@@ -1,5 +1,6 @@
-"""A damaged artifact is never served: exec refuses to load it with a clear error, readiness
-stays NOT_SERVING and Generate answers UNAVAILABLE with the reason."""
+"""A damaged artifact is never served: exec refuses to load it with the reason and stops (the
+process then exits non-zero — tests/test_exec_server_process.py); store errors while loading are
+retried with backoff before giving up."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from exec_service.server import ExecServer, ServeConfig
+from exec_service.server import ExecServer, LoadFailed, ServeConfig
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from protos import exec_pb2_grpc
 from shared.manifest import shard_path
+from shared.storage import StoreError
 from tests.test_exec_server import _ids_req, make_served_checkpoint
 
 
@@ -68,8 +70,33 @@ CASES = {
     "checksum list mismatch": (_edit_manifest(_wrong_checksum), "does not match the manifest"),
     "shard missing from the manifest": (_edit_manifest(_drop_shard_entry), "rank-00001-of-00002"),
     "unsupported schema_version": (_edit_manifest(_schema), "unsupported manifest schema_version 99"),
-    "tokenizer file corrupted": (lambda r: (r / "tokenizer.json").write_text("{}"), "tokenizer.json does not match"),
+    "tokenizer file corrupted": (
+        lambda r: (r / "tokenizer.json").write_text("{}"),
+        "tokenizer.json does not match",
+    ),
 }
+
+
+def _refused(manifest_uri: str, **cfg) -> tuple[str, int]:
+    """Start a server on a bad artifact: LoadFailed's message, and the port it had bound."""
+
+    async def main():
+        server = ExecServer(ServeConfig(manifest_uri=manifest_uri, **cfg))
+        with pytest.raises(LoadFailed) as e:
+            await server.start()
+        assert server.load_error == str(e.value)
+        port = server.port
+        # the server stopped: nothing answers on its port any more
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert gone.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return str(e.value), port
+
+    return asyncio.run(asyncio.wait_for(main(), 120))
+
+
+SMALL = dict(max_batch_size=1, max_seq_len=64, context_buckets=(16,))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -78,36 +105,65 @@ def test_damaged_artifact_is_refused(tmp_path: Path, artifact: Path, case: str) 
     root = tmp_path / "artifact"
     shutil.copytree(artifact, root)
     damage(root)
-
-    async def main():
-        server = ExecServer(
-            ServeConfig(manifest_uri=f"file://{root}/manifest.json", max_batch_size=1, max_seq_len=64, context_buckets=(16,))
-        )
-        await server.start()
-        try:
-            assert server.load_error is not None and fragment in server.load_error, server.load_error
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                h = health_pb2_grpc.HealthStub(ch)
-                ready = await h.Check(health_pb2.HealthCheckRequest(service="neuronserve.exec.v1.ExecService"))
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await exec_pb2_grpc.ExecServiceStub(ch).Generate(_ids_req([1, 2], 2)).read()
-            return ready.status, e.value
-        finally:
-            await server.stop()
-
-    status, err = asyncio.run(asyncio.wait_for(main(), 120))
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert err.code() == grpc.StatusCode.UNAVAILABLE and fragment in err.details()
+    uri = f"file://{root}/manifest.json"
+    message, _ = _refused(uri, **SMALL)
+    assert message.startswith(f"cannot serve {uri}: ") and fragment in message, message
 
 
 def test_missing_manifest(tmp_path: Path) -> None:
+    message, _ = _refused(f"file://{tmp_path}/models/x/k/manifest.json")
+    assert "no manifest there" in message
+
+
+class _FlakyStore:
+    """``open_artifact`` that fails with a store error ``failures`` times, then works."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def __call__(self, uri: str):
+        from exec_service.artifact import open_artifact
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreError(f"S3 get {uri} failed: SlowDown (call {self.calls})")
+        return open_artifact(uri)
+
+
+def test_store_errors_are_retried_with_backoff(tmp_path: Path, artifact: Path, monkeypatch) -> None:
+    import exec_service.server as server_mod
+
+    flaky = _FlakyStore(failures=2)
+    monkeypatch.setattr(server_mod, "open_artifact", flaky)
+
     async def main():
-        server = ExecServer(ServeConfig(manifest_uri=f"file://{tmp_path}/models/x/k/manifest.json"))
+        server = ExecServer(
+            ServeConfig(manifest_uri=f"file://{artifact}/manifest.json", load_retry_s=0.05, **SMALL)
+        )
+        t0 = asyncio.get_running_loop().time()
         await server.start()
+        took = asyncio.get_running_loop().time() - t0
         try:
-            return server.load_error
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                ready = await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service="neuronserve.exec.v1.ExecService")
+                )
+                msgs = [m async for m in exec_pb2_grpc.ExecServiceStub(ch).Generate(_ids_req([1, 2], 3))]
+            return ready.status, msgs, took
         finally:
             await server.stop()
 
-    err = asyncio.run(asyncio.wait_for(main(), 60))
-    assert err is not None and "no manifest there" in err
+    status, msgs, took = asyncio.run(asyncio.wait_for(main(), 120))
+    assert flaky.calls == 3 and took >= 0.05 + 0.1  # two backoffs: 0.05 s, then 0.1 s
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert sum(len(m.token_ids) for m in msgs) == 3
+
+
+def test_store_errors_give_up_after_the_attempts(tmp_path: Path, artifact: Path, monkeypatch) -> None:
+    import exec_service.server as server_mod
+
+    flaky = _FlakyStore(failures=100)
+    monkeypatch.setattr(server_mod, "open_artifact", flaky)
+    message, _ = _refused(f"file://{artifact}/manifest.json", load_attempts=3, load_retry_s=0.01, **SMALL)
+    assert flaky.calls == 3
+    assert "the store failed 3 times" in message and "SlowDown" in message

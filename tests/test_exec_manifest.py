@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from exec_service.artifact import ArtifactError, open_artifact
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
-from exec_service.model.loading import ManifestShards, ShardLoadError, shards_from_hf_state_dict
+from exec_service.model.loading import shards_from_hf_state_dict
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
-from shared.manifest import ManifestError
 from tests.hf_reference import hf_greedy, tiny_hf
 
 PROMPTS = [[7, 3, 12], list(range(5, 22))]
@@ -42,7 +42,7 @@ def _check_engine(model, manifest_uri: str) -> None:
 
 def test_prepared_shards_equal_in_process_conversion(tmp_path: Path) -> None:
     model, uri = _prepared(tmp_path, 2, tie_word_embeddings=True)
-    src = ManifestShards(uri)
+    src = open_artifact(uri)
     want = shards_from_hf_state_dict(model.state_dict(), src.arch, src.target)
     for r in range(2):
         got = src.load(r)
@@ -64,14 +64,14 @@ def test_engine_from_manifest_tp2(tmp_path: Path) -> None:
 
 def test_corrupt_shard_is_refused_before_use(tmp_path: Path) -> None:
     _model, uri = _prepared(tmp_path, 1)
-    src = ManifestShards(uri)
+    src = open_artifact(uri)
     path = Path(uri.removeprefix("file://")).parent / "shards/rank-00000-of-00001.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardLoadError, match=r"rank-00000-of-00001.safetensors: sha256 .* does not match"):
+    with pytest.raises(ArtifactError, match=r"rank-00000-of-00001.safetensors: sha256 .* does not match"):
         src.load(0)
-    with pytest.raises(ShardLoadError, match="rank 1 out of range"):
+    with pytest.raises(ArtifactError, match="rank 1 out of range"):
         src.load(1)
 
 
@@ -83,8 +83,8 @@ def test_manifest_without_the_shard_entry(tmp_path: Path) -> None:
     d = json.loads(mpath.read_text())
     d["files"] = [f for f in d["files"] if not f["path"].startswith("shards/")]
     mpath.write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match=r"lists no file 'shards/rank-00000-of-00001\.safetensors'"):
-        ManifestShards(uri).load(0)
+    with pytest.raises(ArtifactError, match=r"lists no file 'shards/rank-00000-of-00001\.safetensors'"):
+        open_artifact(uri)  # refused when the manifest is read, before any shard is fetched
 
 
 def test_engine_from_s3_manifest(tmp_path: Path, s3_env: str) -> None:

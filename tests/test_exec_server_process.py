@@ -1,5 +1,6 @@
-"""`neuron-serve exec-server` as a real process: SIGTERM drain, and tp=2 worker ranks started and
-stopped by the server itself."""
+"""`neuron-serve exec-server` as a real process: a newcomer's first command, shapes refused at
+argument parsing, a load failure ending the process, SIGTERM drain, and tp=2 worker ranks started
+and stopped by the server itself."""
 
 from __future__ import annotations
 
@@ -33,21 +34,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(manifest_uri: str, port: int, grace: float = 30.0) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "neuron-serve"
+EXE = Path(sys.executable).parent / "neuron-serve"
+SMALL_SHAPE = ("--max-batch-size", "2", "--max-seq-len", "256", "--context-buckets", "16,32")
+
+
+def _start(
+    manifest_uri: str, port: int, grace: float = 30.0, shape: tuple[str, ...] = SMALL_SHAPE
+) -> subprocess.Popen:
     cmd = [
-        str(exe),
+        str(EXE),
         "exec-server",
         "--model",
         manifest_uri,
         "--port",
         str(port),
-        "--max-batch-size",
-        "2",
-        "--max-seq-len",
-        "256",
-        "--context-buckets",
-        "16,32",
+        *shape,
         "--grace-period",
         str(grace),
         "--log-level",
@@ -90,6 +91,83 @@ def artifacts(tmp_path_factory) -> dict[int, str]:
         ).manifest_uri
         for tp in (1, 2)
     }
+
+
+@pytest.mark.slow
+def test_a_newcomers_command_serves(artifacts) -> None:
+    """`exec-server --model M --max-seq-len 256` and nothing else: the context buckets derive from
+    the sequence length (64, 256), the server becomes ready and generates."""
+    port = _free_port()
+    proc = _start(artifacts[1], port, shape=("--max-seq-len", "256"))
+    try:
+
+        async def main():
+            await _wait_ready(port, proc)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = exec_pb2_grpc.ExecServiceStub(ch)
+                info = await stub.GetModelInfo(exec_pb2.GetModelInfoRequest())
+                msgs = [m async for m in stub.Generate(_ids_req(list(range(1, 100)), 5))]
+                return info, msgs
+
+        info, msgs = asyncio.run(asyncio.wait_for(main(), 300))
+        assert (info.max_seq_len, list(info.context_buckets)) == (256, [64, 256])
+        assert info.max_batch_size == 8 and list(info.kv_buckets) == [64, 128, 256]
+        assert sum(len(m.token_ids) for m in msgs) == 5 and msgs[-1].finish_reason == exec_pb2.LENGTH
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (
+            ("--max-seq-len", "100", "--context-buckets", "64"),
+            "--context-buckets: max_seq_len (100) must be a multiple of the largest context bucket (64)",
+        ),
+        (
+            ("--max-seq-len", "256", "--context-buckets", "1,16"),
+            "--context-buckets: context buckets must be >= 2",
+        ),
+        (
+            ("--max-seq-len", "256", "--kv-buckets", "64,128"),
+            "--kv-buckets: KV buckets must be >= 1 and the largest KV bucket must equal max_seq_len (256)",
+        ),
+        (("--max-batch-size", "0"), "--max-batch-size: max_batch_size must be >= 1"),
+        (("--max-seq-len", "1"), "--max-seq-len: max_seq_len must be >= 2"),
+        (("--port", "70000"), "--port: 70000 is out of range"),
+    ],
+)
+def test_an_impossible_serving_shape_exits_2_at_parse_time(flags, fragment) -> None:
+    """Refused before anything binds or loads: exit 2 naming the flag and the rule."""
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [str(EXE), "exec-server", "--model", "file:///nonexistent/manifest.json", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2, res.stderr
+    assert fragment in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 30  # argument parsing only: no torch, no model
+
+
+def test_a_missing_manifest_ends_the_process_with_the_reason() -> None:
+    """A permanent load failure exits non-zero with the reason on stderr (a crash loop with the
+    cause in Kubernetes), instead of a live process that is never ready."""
+    port = _free_port()
+    res = subprocess.run(
+        [str(EXE), "exec-server", "--model", "file:///nonexistent/manifest.json", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr
+    assert "error: cannot serve file:///nonexistent/manifest.json: " in res.stderr
+    assert "no manifest there" in res.stderr
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from exec_service.artifact import open_artifact
 from exec_service.engine import Engine, RuntimeConfig
-from exec_service.model.loading import ManifestShards
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from tests.family_configs import save_llama4_multimodal
@@ -96,7 +96,7 @@ def test_llama4_from_conditional_generation_checkpoint(
     res = prepare(
         PrepareRequest(source=str(tmp_path / "mm"), tp_degree=tp, output=f"file://{tmp_path}/store")
     )
-    src = ManifestShards(res.manifest_uri)
+    src = open_artifact(res.manifest_uri)
     cfg = text.config  # the text model's own config says which layers are NoPE / chunked
     assert src.arch.nope_layers == tuple(i for i, rope in enumerate(cfg.no_rope_layers) if not rope)
     assert src.arch.chunked_layers == tuple(

@@ -353,6 +353,14 @@ def test_schema_accepts_defaults_and_profiles():
             {"exec": {"maxSeqLen": 3000, "contextBuckets": [128, 1024]}},
             "multiple of the largest context bucket",
         ),
+        (
+            {"exec": {"maxSeqLen": 256, "contextBuckets": [64, 512]}},
+            "multiple of the largest context bucket",
+        ),
+        (
+            {"exec": {"maxSeqLen": 2048, "kvBuckets": [512, 1024]}},
+            "the largest KV bucket (1024) must equal exec.maxSeqLen (2048)",
+        ),
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"prepareJob": {"enabled": True}}, "prepareJob.models"),
         (
@@ -365,6 +373,33 @@ def test_schema_accepts_defaults_and_profiles():
 )
 def test_template_rejects_inconsistent_values(values, needle):
     expect_rejected(values, needle)
+
+
+@pytest.mark.parametrize(
+    ("shape", "context", "kv"),
+    [
+        ({"maxSeqLen": 256, "contextBuckets": []}, (64, 256), (64, 128, 256)),
+        (
+            {"maxSeqLen": 2048, "contextBuckets": [64, 256], "kvBuckets": [256, 1024, 2048]},
+            (64, 256),
+            (256, 1024, 2048),
+        ),
+    ],
+)
+def test_rendered_serving_shape_is_the_one_exec_server_serves(shape, context, kv):
+    """Empty buckets leave the flags out (exec-server derives them); the rendered args give the same
+    shape the exec server's own parser and rules produce."""
+    from exec_service.cli import serving_shape_from_args
+    from shared.cli import build_parser
+
+    objs = render({"exec": shape})
+    args = expand_args(container(exec_deploy(objs)), configmap(objs))
+    assert ("--context-buckets" in " ".join(args)) == bool(shape["contextBuckets"])
+    assert ("--kv-buckets" in " ".join(args)) == bool(shape.get("kvBuckets"))
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    got = serving_shape_from_args(ns, parser)
+    assert (got.context_buckets, got.kv_buckets) == (context, kv)
 
 
 # --------------------------------------------------------------------------------------- probes

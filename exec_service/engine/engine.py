@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exec_service.engine.limits import EngineLimits, check_request
 from exec_service.engine.types import (
     FinishReason,
     Request,
@@ -26,7 +27,8 @@ from exec_service.engine.types import (
     SamplingParams,
     TokenLogprob,
 )
-from exec_service.model.loading import ManifestShards, ShardSource
+from exec_service.model.loading import ShardSource
+from exec_service.model.rope import check_serving_shape
 from exec_service.runtime.executor import LocalExecutor, TPExecutor
 from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, context_bucket, kv_bucket, make_mask
 from exec_service.runtime.runner import RuntimeConfig
@@ -71,6 +73,14 @@ class Engine:
         self.config = config
         self.tp = self.target.tp_degree
         self._rope_switch_len = _longrope_switch_len(self.arch, config)
+        check_serving_shape(self.arch, config.max_seq_len, config.context_buckets[-1])  # rope: dynamic
+        self.limits = EngineLimits(
+            max_seq_len=config.max_seq_len,
+            vocab_size=self.arch.vocab_size,
+            max_top_logprobs=config.num_top_logprobs,
+            max_suppressed_ids=config.max_suppressed_ids,
+            eos_token_ids=self.eos_token_ids,
+        )
         self.executor = TPExecutor(source, config) if self.tp > 1 else LocalExecutor(source, config)
         self._waiting: deque[_Seq] = deque()
         self._running: dict[int, _Seq] = {}  # slot -> sequence
@@ -81,34 +91,17 @@ class Engine:
 
     @classmethod
     def from_manifest(cls, manifest_uri: str, config: RuntimeConfig | None = None, **kw) -> Engine:
-        return cls(ManifestShards(manifest_uri), config, **kw)
+        """The engine of a prepared artifact, by its manifest URI."""
+        from exec_service.artifact import open_artifact
+
+        return cls(open_artifact(manifest_uri), config, **kw)
 
     # -- public API -------------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> str:
-        """Queue a request; returns its id. Raises ValueError for what this model cannot take."""
-        n = len(request.prompt_token_ids)
-        limit = self.config.max_seq_len
-        if n >= limit:
-            raise ValueError(
-                f"prompt has {n} tokens; this engine takes at most {limit - 1} (max_seq_len {limit})"
-            )
-        bad = [t for t in request.prompt_token_ids if t >= self.arch.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt token ids {bad[:4]} are outside the vocabulary ({self.arch.vocab_size})"
-            )
-        if request.sampling.top_logprobs > self.config.num_top_logprobs:
-            raise ValueError(
-                f"top_logprobs {request.sampling.top_logprobs} > the configured maximum {self.config.num_top_logprobs}"
-            )
-        stop = request.stopping
-        if stop.min_new_tokens:
-            n_sup = len(set(stop.stop_token_ids) | (set() if stop.ignore_eos else set(self.eos_token_ids)))
-            if n_sup > self.config.max_suppressed_ids:
-                raise ValueError(
-                    f"min_new_tokens with {n_sup} stop/EOS ids: at most {self.config.max_suppressed_ids} supported"
-                )
+        """Queue a request; returns its id. Raises ValueError for what this model cannot take
+        (``limits.check_request``: the one place those rules live)."""
+        check_request(request, self.limits)
         rid = request.request_id or f"req-{next(self._ids)}"
         if rid in self._by_id:
             raise ValueError(f"request id {rid!r} is already in use")

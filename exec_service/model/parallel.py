@@ -12,21 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from exec_service.model.collectives import Collectives
+from exec_service.model.layers import zeros_param as _empty  # weights always come from a shard
+from shared.layout import LayoutError as ParallelSizeError  # a size that tp does not divide
+from shared.layout import divide  # the one per-rank size check, shared with prep's planning
 
-
-class ParallelSizeError(ValueError):
-    """A layer size is not divisible by the tensor-parallel degree."""
-
-
-def divide(n: int, tp: int, what: str) -> int:
-    if tp < 1 or n % tp != 0:
-        raise ParallelSizeError(f"{what} ({n}) is not divisible by tp ({tp})")
-    return n // tp
-
-
-def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    # weights always come from a shard; empty (not random) so that a forgotten load shows up
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
+__all__ = ["ParallelSizeError", "divide"]
 
 
 # ---- int8 weight-only linears (shared/quantize.py: W ~= q * scale[out, None]) ----------------------
@@ -248,9 +238,3 @@ def prepare_int8(model: nn.Module, kernel: str) -> int:
             mod.kernel = kernel
             n += 1
     return n
-
-
-def unpack_linears(model: nn.Module) -> None:
-    for mod in model.modules():
-        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
-            mod.packed = None

@@ -19,22 +19,15 @@ from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, g
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import TokenCounts
 from exec_service.runtime.step_io import StepInputs, StepOutputs
+from exec_service.shapes import ServingShape
 from shared.families.base import Architecture
 from shared.layout import Target
 
 
-def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= 2
-    return (*out, hi)
-
-
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Serving shapes. ``kv_buckets`` empty = powers of two from the smallest context bucket up to
-    ``max_seq_len`` (which is always the last KV bucket)."""
+    """The serving shape (``exec_service.shapes.ServingShape``: empty buckets are derived) and the
+    runtime's options."""
 
     max_batch_size: int = 4
     max_seq_len: int = 256
@@ -59,19 +52,8 @@ class RuntimeConfig:
     int8_kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        ctx = tuple(sorted(set(self.context_buckets)))
-        if not ctx or ctx[0] < 2:
-            raise ValueError(f"context buckets must be >= 2 (a [1, 1] prefill would look like decode): {ctx}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if ctx[-1] > self.max_seq_len or self.max_seq_len % ctx[-1] != 0:
-            raise ValueError(
-                f"max_seq_len ({self.max_seq_len}) must be a multiple of the largest context bucket "
-                f"({ctx[-1]}) so that a padded prefill chunk never writes past the cache"
-            )
-        kv = tuple(sorted(set(self.kv_buckets))) or _pow2_buckets(ctx[0], self.max_seq_len)
-        if kv[-1] != self.max_seq_len:
-            raise ValueError(f"the largest KV bucket must equal max_seq_len ({self.max_seq_len}): {kv}")
+        # the serving-shape rules live in one place (exec_service/shapes.py; the CLI and Helm use them)
+        shape = ServingShape(self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets)
         if self.cpu_linear not in ("onednn", "aten"):
             raise ValueError(f"cpu_linear must be 'onednn' or 'aten', got {self.cpu_linear!r}")
         if self.int8_kernel not in ("auto", *INT8_KERNELS):
@@ -80,8 +62,8 @@ class RuntimeConfig:
             )
         if self.num_candidates < 1 or self.num_top_logprobs < 1 or self.max_suppressed_ids < 1:
             raise ValueError("num_candidates, num_top_logprobs and max_suppressed_ids must be >= 1")
-        object.__setattr__(self, "context_buckets", ctx)
-        object.__setattr__(self, "kv_buckets", kv)
+        object.__setattr__(self, "context_buckets", shape.context_buckets)
+        object.__setattr__(self, "kv_buckets", shape.kv_buckets)
 
     def resolved_int8_kernel(self) -> str:
         if self.int8_kernel != "auto":

@@ -1,0 +1,219 @@
+"""The thread ↔ asyncio bridge: the engine runs ``step()`` on its own thread; streams wait on asyncio.
+
+* The **engine loop** (one thread) owns the engine: it takes new requests and aborts from a queue
+  between steps, runs ``engine.step()`` and hands each output to its request's asyncio queue with
+  ``call_soon_threadsafe``. Nothing on the gRPC side can delay a forward pass.
+* A **Subscription** is one request's asyncio side: ``next()`` waits for outputs and returns every
+  one that piled up (a lagging client gets them in one message); ``close()`` aborts the request
+  unless it finished.
+
+Failures are exceptions on the asyncio side: ``EngineRejected`` (the engine refused the request,
+INVALID_ARGUMENT) and ``EngineFailed`` (the loop died: every stream fails, liveness goes false).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from exec_service.engine import Engine, Request, RequestOutput
+
+log = logging.getLogger("neuron_serve.exec")
+
+
+class EngineRejected(ValueError):
+    """The engine cannot take this request (its message names the limit)."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop died; the message says why."""
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One engine output and the time the step that produced it started."""
+
+    output: RequestOutput
+    step_started: float
+
+
+@dataclass(frozen=True)
+class _Item:
+    delivered: Delivered | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: Request
+    sink: Callable[[_Item], None]
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The engine's counters as of the last step (written by the loop thread only)."""
+
+    running: int = 0
+    waiting: int = 0
+    free_slots: int = 0
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` on its own thread; requests and aborts arrive between steps."""
+
+    def __init__(self, engine: Engine, on_step: Callable[[Counts], None] | None = None) -> None:
+        self.engine = engine
+        self._on_step = on_step
+        self._cmds: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sinks: dict[str, Callable[[_Item], None]] = {}
+        self.heartbeat = time.monotonic()
+        self.error: BaseException | None = None
+        self.counts = Counts(free_slots=engine.config.max_batch_size)
+        # prompt tokens submitted but not yet admitted into a slot (admission control)
+        self._pending_tokens: dict[str, int] = {}
+        self.waiting_prompt_tokens = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def subscribe(self, request: Request) -> Subscription:
+        """Submit ``request`` (call on the event loop's thread); its outputs arrive on the result."""
+        assert request.request_id is not None, "the servicer names every engine request"
+        sub = Subscription(self, request.request_id, asyncio.get_running_loop())
+        with self._lock:
+            self._pending_tokens[request.request_id] = len(request.prompt_token_ids)
+            self.waiting_prompt_tokens += len(request.prompt_token_ids)
+        self._cmds.put(_Add(request, sub.deliver))
+        self._wake.set()
+        return sub
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.put(_Abort(request_id))
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the loop thread ------------------------------------------------------------------------
+
+    def _admitted(self, rid: str) -> None:
+        with self._lock:
+            self.waiting_prompt_tokens -= self._pending_tokens.pop(rid, 0)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._snapshot()
+                    self._wake.wait(0.25)
+                    self._wake.clear()
+                    continue
+                started = time.monotonic()
+                outputs = self.engine.step()
+                self._snapshot()  # before the streams hear of it: a client then sees freed slots
+                for out in outputs:
+                    sink = self._sinks.get(out.request_id)
+                    if out.finished:
+                        self._sinks.pop(out.request_id, None)
+                    if out.finished or out.new_token_ids:
+                        self._admitted(out.request_id)
+                    if sink is not None:
+                        sink(_Item(Delivered(out, started)))
+        except BaseException as e:  # the engine is broken: fail every stream, liveness goes false
+            self.error = e
+            log.exception("engine loop died")
+            failed = EngineFailed(f"the engine failed: {type(e).__name__}: {e}")
+            for sink in list(self._sinks.values()):
+                sink(_Item(error=failed))
+            self._sinks.clear()
+            while True:  # anything submitted meanwhile fails too
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(cmd, _Add):
+                    cmd.sink(_Item(error=failed))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Abort):
+                self.engine.abort(cmd.request_id)
+                continue
+            rid = cmd.request.request_id or ""
+            try:
+                self.engine.add_request(cmd.request)
+            except ValueError as e:
+                self._admitted(rid)
+                cmd.sink(_Item(error=EngineRejected(str(e))))
+                continue
+            self._sinks[rid] = cmd.sink
+
+    def _snapshot(self) -> None:
+        e = self.engine
+        self.counts = Counts(e.num_running, e.num_waiting, e.free_slots)
+        if self._on_step is not None:
+            self._on_step(self.counts)
+
+
+class Subscription:
+    """One request's outputs on the asyncio side."""
+
+    def __init__(self, loop: EngineLoop, request_id: str, aio_loop: asyncio.AbstractEventLoop) -> None:
+        self._loop, self.request_id, self._aio = loop, request_id, aio_loop
+        self._items: asyncio.Queue[_Item] = asyncio.Queue()
+        self.finished = False
+
+    def deliver(self, item: _Item) -> None:
+        """Engine thread."""
+        self._aio.call_soon_threadsafe(self._items.put_nowait, item)
+
+    async def next(self, timeout: float | None = None) -> list[Delivered]:
+        """Waits (up to ``timeout`` s: TimeoutError) for outputs; returns all that are queued, up to
+        and including the final one. Raises EngineRejected / EngineFailed."""
+        items = [await asyncio.wait_for(self._items.get(), timeout)]
+        while not self._items.empty():
+            items.append(self._items.get_nowait())
+        out = []
+        for item in items:
+            if item.error is not None:
+                self.finished = True
+                raise item.error
+            assert item.delivered is not None
+            out.append(item.delivered)
+            if item.delivered.output.finished:
+                self.finished = True
+                break
+        return out
+
+    def abort(self) -> None:
+        """Stop the engine request (its slot is freed at the next step); idempotent."""
+        if not self.finished:
+            self.finished = True
+            self._loop.abort(self.request_id)

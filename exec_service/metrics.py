@@ -1,0 +1,44 @@
+"""The exec server's Prometheus metrics (one registry per server object: several servers in one
+process, as in tests, never collide on names)."""
+
+from __future__ import annotations
+
+from shared import grpc_util
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class ExecMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.registry = grpc_util.new_metrics_registry()
+        r, lat = self.registry, LATENCY_BUCKETS
+        self.ttft = Histogram("neuron_serve_ttft_seconds", "Time to first token", buckets=lat, registry=r)
+        self.itl = Histogram(
+            "neuron_serve_inter_token_latency_seconds",
+            "Time between tokens of one stream",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram("neuron_serve_e2e_latency_seconds", "Request latency", buckets=lat, registry=r)
+        self.queue = Histogram(
+            "neuron_serve_queue_seconds", "Time before the first step", buckets=lat, registry=r
+        )
+        self.running = Gauge("neuron_serve_running_requests", "Requests holding a KV slot", registry=r)
+        self.waiting = Gauge("neuron_serve_waiting_requests", "Requests waiting for a slot", registry=r)
+        self.free_slots = Gauge("neuron_serve_free_slots", "Free KV cache slots", registry=r)
+        self.prompt_tokens = Counter("neuron_serve_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter("neuron_serve_generated_tokens", "Tokens generated", registry=r)
+        self.finished = Counter(
+            "neuron_serve_requests_finished", "Finished requests by reason", ["reason"], registry=r
+        )
+        self.rejected = Counter(
+            "neuron_serve_requests_rejected", "Rejected requests by code", ["code"], registry=r
+        )
+        self.steps = Counter("neuron_serve_engine_steps", "Engine steps", registry=r)
+
+    def reject(self, code) -> None:
+        """The error map's hook: every refused or failed RPC, by status code."""
+        self.rejected.labels(code.name).inc()

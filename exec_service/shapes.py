@@ -1,0 +1,88 @@
+"""The serving shape: batch size, sequence length and the static buckets, with their rules.
+
+One place for the rules, used by the runtime (``RuntimeConfig``), by ``exec-server`` / ``compile``
+at argument parsing (an impossible shape exits 2 naming the flag, never a server that binds and
+never becomes ready) and mirrored by the Helm chart's render-time check. No torch import: argument
+errors stay fast.
+
+* ``context_buckets`` (prefill lengths): each >= 2 (a [1, 1] prefill would look like decode); the
+  largest <= ``max_seq_len`` and dividing it, so that a padded prefill chunk never writes past the
+  cache. Default (:func:`default_context_buckets`): the largest = ``max_seq_len`` up to 512, else the
+  largest power of two <= 512 dividing it (or, when that is under 64, the largest divisor <= 512);
+  plus a quarter of it for short prompts when that is >= 16. 2048 -> (128, 512), 256 -> (64, 256).
+* ``kv_buckets`` (attention lengths): each >= 1, the largest equal to ``max_seq_len``.
+  Default: powers of two from the smallest context bucket, then ``max_seq_len``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_DEFAULT_CONTEXT_BUCKET = 512
+
+
+class ShapeError(ValueError):
+    """An impossible serving shape; ``field`` names the setting (a RuntimeConfig/ServingShape field)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+def default_context_buckets(max_seq_len: int) -> tuple[int, ...]:
+    if max_seq_len < 2:
+        raise ShapeError("max_seq_len", f"max_seq_len must be >= 2, got {max_seq_len}")
+    if max_seq_len <= MAX_DEFAULT_CONTEXT_BUCKET:
+        largest = max_seq_len
+    else:
+        largest = next(b for b in (512, 256, 128, 64, 32, 16, 8, 4, 2, 1) if max_seq_len % b == 0)
+        if largest < 64:  # e.g. 1000: 8 would mean 125 chunks for a long prompt; 500 divides it
+            largest = max(d for d in range(2, MAX_DEFAULT_CONTEXT_BUCKET + 1) if max_seq_len % d == 0)
+    small = largest // 4
+    return (small, largest) if small >= 16 else (largest,)
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi."""
+    out, b = [], max(lo, 1)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return (*out, hi)
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    """Empty bucket tuples are derived from ``max_seq_len`` (see the module docstring)."""
+
+    max_batch_size: int = 8
+    max_seq_len: int = 2048
+    context_buckets: tuple[int, ...] = field(default=())
+    kv_buckets: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ShapeError("max_batch_size", f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_seq_len < 2:
+            raise ShapeError("max_seq_len", f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        ctx = tuple(sorted(set(self.context_buckets))) or default_context_buckets(self.max_seq_len)
+        if ctx[0] < 2:
+            raise ShapeError(
+                "context_buckets",
+                f"context buckets must be >= 2 (a [1, 1] prefill would look like decode): {ctx}",
+            )
+        if ctx[-1] > self.max_seq_len or self.max_seq_len % ctx[-1] != 0:
+            raise ShapeError(
+                "context_buckets",
+                f"max_seq_len ({self.max_seq_len}) must be a multiple of the largest context bucket "
+                f"({ctx[-1]}) so that a padded prefill chunk never writes past the cache",
+            )
+        kv = tuple(sorted(set(self.kv_buckets))) or pow2_buckets(ctx[0], self.max_seq_len)
+        if kv[0] < 1 or kv[-1] != self.max_seq_len:
+            raise ShapeError(
+                "kv_buckets",
+                f"KV buckets must be >= 1 and the largest KV bucket must equal max_seq_len "
+                f"({self.max_seq_len}): {kv}",
+            )
+        object.__setattr__(self, "context_buckets", ctx)
+        object.__setattr__(self, "kv_buckets", kv)

@@ -1,4 +1,4 @@
-# Every target creates what it needs itself; CI runs `make test` (through .ci/run).
+# Every target creates what it needs itself; CI runs `make lint` and `make test` (through .ci/run).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,9 +29,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/neuron-serve demo
 
+# ruff, and the import contracts of pyproject.toml ([tool.importlinter]: who may import whom)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exec_service.engine import Engine, RuntimeConfig
-from exec_service.model.loading import ManifestShards
+from exec_service.artifact import open_artifact
+from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
 from exec_service.model.parallel import INT8PACK_MAX_ROWS, int8_linear
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
@@ -103,7 +103,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Int8Case]:
 
 
 def check_int8(case: Int8Case, tp: int, lm_head: bool = False) -> None:
-    src = ManifestShards(case.int8_manifest(tp, lm_head))
+    src = open_artifact(case.int8_manifest(tp, lm_head))
     assert src.target.quantization == "int8" and src.target.quantized_lm_head == lm_head
     want_tokens, want_logits = case.int8_reference(lm_head)
     with torch.no_grad(), Engine(src, DEQUANT) as engine:
@@ -157,7 +157,7 @@ def test_int8pack_kernel_against_exact() -> None:
 
 def test_int8pack_engine_close_to_exact(cases) -> None:
     case = cases["llama"]
-    src = ManifestShards(case.int8_manifest(1))
+    src = open_artifact(case.int8_manifest(1))
     with torch.no_grad():
         with Engine(src, DEQUANT) as engine:
             _, exact = run_engine(engine, PROMPTS, 1)
@@ -170,7 +170,7 @@ def test_int8pack_engine_close_to_exact(cases) -> None:
 def test_unknown_quantization_scheme_is_refused(cases, tmp_path: Path) -> None:
     import json
 
-    from exec_service.model.loading import ShardLoadError
+    from exec_service.artifact import ArtifactError
 
     uri = cases["llama"].int8_manifest(1)
     path = Path(uri.removeprefix("file://"))
@@ -178,8 +178,8 @@ def test_unknown_quantization_scheme_is_refused(cases, tmp_path: Path) -> None:
     doc["target"]["quantization"] = "int4"
     bad = tmp_path / "manifest.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(ShardLoadError, match="unknown quantization scheme 'int4'"):
-        ManifestShards(f"file://{bad}")
+    with pytest.raises(ArtifactError, match="unknown quantization scheme 'int4'"):
+        open_artifact(f"file://{bad}")
 
 
 # ---- the real model ---------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory):
     tp 1, int8 tp 1 and int8 tp 2 into one store."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exec_service.cli import smollm2_gguf
+    from tests.helpers import smollm2_gguf
 
     gguf = Path(smollm2_gguf())
     model = AutoModelForCausalLM.from_pretrained(
@@ -227,7 +227,7 @@ def _greedy(
     uri: str, prompts: list[list[int]], n: int = 32, int8_kernel: str = "auto"
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     config = RuntimeConfig(**{**SMOL_CONFIG.__dict__, "int8_kernel": int8_kernel})
-    with torch.no_grad(), Engine(ManifestShards(uri), config) as engine:
+    with torch.no_grad(), Engine(open_artifact(uri), config) as engine:
         return run_engine(engine, prompts, n)
 
 
@@ -241,8 +241,8 @@ def test_smollm2_int8_perplexity_within_3_percent(smol) -> None:
     with torch.no_grad():  # the independent reference for the fp32 number
         hf_logits = model(torch.tensor([ids])).logits[0, :-1].double()
         hf_nll = float(torch.nn.functional.cross_entropy(hf_logits, torch.tensor(ids[1:]), reduction="mean"))
-    fp32 = perplexity(ManifestShards(uris["fp32"]), ids)
-    int8 = perplexity(ManifestShards(uris["int8"]), ids)
+    fp32 = perplexity(open_artifact(uris["fp32"]), ids)
+    int8 = perplexity(open_artifact(uris["int8"]), ids)
     ratio = int8.perplexity / fp32.perplexity
     print(
         f"\nSmolLM2-135M perplexity on {fp32.tokens + 1} tokens (tests/data/apache-2.0.txt): "
@@ -278,25 +278,71 @@ def test_smollm2_int8_agreement_and_first_step_cosine(smol) -> None:
     assert "Paris" in tok.decode(q_tokens[0])
 
 
+def _greedy_steps(
+    uri: str, prompts: list[list[int]], n: int = 32
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Greedy tokens and every step's full-vocab logits, per prompt (cpu ``int8pack`` kernel)."""
+    with torch.no_grad(), Engine(open_artifact(uri), SMOL_CONFIG) as engine:
+        ids = [
+            engine.add_request(Request(p, stopping=StoppingCriteria(max_new_tokens=n, ignore_eos=True)))
+            for p in prompts
+        ]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        logits: dict[str, list[torch.Tensor]] = {i: [] for i in ids}
+        done: set[str] = set()
+        while len(done) < len(ids):
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+                logits[out.request_id] += list(out.logits)
+                if out.finish_reason is not None:
+                    done.add(out.request_id)
+    return [tokens[i] for i in ids], [logits[i] for i in ids]
+
+
+# bfloat16 rounding of the row-parallel partial sums moves SmolLM2's logits by up to ~3% of their
+# largest magnitude (measured: 0.0303 over the 129 shared steps, e.g. 0.68 on logits of ~23), and a
+# greedy choice may flip only where the two best logits are closer than NEAR_TIE (measured flip:
+# gaps of 0.031 and 0.044). A real bug (a wrong scale, a lost shard) moves logits by far more.
+MAX_RELATIVE_DRIFT = 0.05
+NEAR_TIE = 0.25
+
+
 @pytest.mark.slow
 def test_smollm2_int8_tp2_equals_tp1(smol) -> None:
     """The tp = 2 artifact (9 heads converted to 10 for MHA, scales split / replicated) gives the same
     160 tokens as tp = 1 with exact arithmetic (``dequant``). With the cpu ``int8pack`` kernel each
     rank's row-parallel partial sum is rounded to bfloat16 before the all-reduce (tp = 1 rounds the
-    whole sum once), so near-ties may flip late in a sequence: reported, and bounded."""
+    whole sum once), so the logits differ by bf16 rounding and a greedy choice may flip — but only at
+    a near-tie: wherever tp 2 first leaves tp 1's tokens, both runs' logits of the two tokens must be
+    within NEAR_TIE of each other, and until then every step's logits agree within MAX_RELATIVE_DRIFT."""
     _, _, prompts, uris = smol
     tp1, _ = _greedy(uris["int8"], prompts, int8_kernel="dequant")
     tp2, _ = _greedy(uris["int8-tp2"], prompts, int8_kernel="dequant")
     assert tp2 == tp1
-    p1, l1 = _greedy(uris["int8"], prompts)
-    p2, l2 = _greedy(uris["int8-tp2"], prompts)
-    agree = sum(x == y for a, b in zip(p1, p2, strict=True) for x, y in zip(a, b, strict=True))
-    cos = min(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(l1, l2, strict=True))
+    p1, s1 = _greedy_steps(uris["int8"], prompts)
+    p2, s2 = _greedy_steps(uris["int8-tp2"], prompts)
+    agree, worst_drift, flips = 0, 0.0, []
+    for a, b, la, lb in zip(p1, p2, s1, s2, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        agree += n
+        worst_drift = max(
+            [
+                worst_drift,
+                *(float((x - y).abs().max() / x.abs().max()) for x, y in zip(la[:n], lb[:n], strict=True)),
+            ]
+        )
+        if n < len(a):
+            gap1 = float(la[n][a[n]] - la[n][b[n]])  # how much tp 1 preferred its token
+            gap2 = float(lb[n][b[n]] - lb[n][a[n]])  # and tp 2 its own
+            flips.append((n, gap1, gap2))
     print(
-        f"\nint8pack tp 2 vs tp 1: {agree}/{32 * len(prompts)} tokens equal, first-step cosine >= {cos:.6f}"
+        f"\nint8pack tp 2 vs tp 1: {agree}/{32 * len(prompts)} tokens before the first difference; "
+        f"largest logit drift before it {worst_drift:.4f} of the largest logit; flips (step, gap tp1, gap tp2): {flips}"
     )
-    assert [t[:8] for t in p2] == [t[:8] for t in p1]
-    assert agree >= 0.9 * 32 * len(prompts) and cos > 0.9999
+    assert worst_drift < MAX_RELATIVE_DRIFT
+    for _n, gap1, gap2 in flips:
+        assert 0 <= gap1 < NEAR_TIE and 0 <= gap2 < NEAR_TIE
+    assert [t[:1] for t in p2] == [t[:1] for t in p1]  # the first token never hinges on a near-tie here
 
 
 @pytest.mark.slow

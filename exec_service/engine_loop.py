@@ -78,7 +78,6 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._sinks: dict[str, Callable[[_Item], None]] = {}
-        self.heartbeat = time.monotonic()
         self.error: BaseException | None = None
         self.counts = Counts(free_slots=engine.config.max_batch_size)
         # prompt tokens submitted but not yet admitted into a slot (admission control)
@@ -124,7 +123,6 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self.heartbeat = time.monotonic()
                 self._drain_commands()
                 if not self.engine.has_unfinished():
                     self._snapshot()

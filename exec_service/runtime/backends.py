@@ -2,7 +2,8 @@
 
 * ``cpu``: eager PyTorch, or ``torch.compile`` per static shape (``compile=True``; slow to build here).
 * ``cuda``: the same graphs on ``device="cuda"`` (UNVERIFIED: no GPU on the development machines).
-* ``neuron``: import-guarded stub; tracing with torch-neuronx / neuronx-distributed is a later issue.
+* ``neuron``: import-guarded stub. The target is TorchNeuron (torch-neuronx 2.13.3.x, ``torch.compile(
+  backend="neuron")``); the backend itself is not written yet (issue 16). NxD is not a target.
 """
 
 from __future__ import annotations
@@ -49,18 +50,14 @@ class NeuronBackend:
     name = "neuron"
 
     def __init__(self, compile: bool = True) -> None:
-        missing = []
-        for mod in ("torch_neuronx", "neuronx_distributed"):
-            try:
-                __import__(mod)
-            except ImportError:
-                missing.append(mod)
-        if missing:
+        try:
+            __import__("torch_neuronx")
+        except ImportError:
             raise BackendUnavailable(
-                f"backend 'neuron' needs the Neuron SDK: cannot import {', '.join(missing)} "
-                "(install the neuron extra on a Trainium/Inferentia host)"
-            )
-        raise NotImplementedError("backend 'neuron': tracing the step graphs with NxD is not implemented yet")
+                "backend 'neuron' needs the Neuron SDK (TorchNeuron): cannot import torch_neuronx "
+                "(install torch-neuronx 2.13.3.x from AWS's Neuron index on a Trainium/Inferentia host)"
+            ) from None
+        raise NotImplementedError("backend 'neuron': the TorchNeuron backend is not implemented yet")
 
 
 BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend, "neuron": NeuronBackend}

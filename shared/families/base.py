@@ -8,7 +8,7 @@ Everything downstream (layout, exec decoder) reads only the dataclass, never the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,14 +185,6 @@ class ParamRule:
 
     def build(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.combine([tensors[s] for s in self.sources])
-
-
-def convert(
-    rules: Sequence[ParamRule], tensors: Mapping[str, torch.Tensor]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pure conversion: HF tensors (a lazy mapping) -> canonical tensors, one at a time."""
-    for rule in rules:
-        yield rule.name, rule.build(tensors)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ SHAPE_FLAGS = {
     "max_seq_len": "--max-seq-len",
     "context_buckets": "--context-buckets",
     "kv_buckets": "--kv-buckets",
+    "batch_buckets": "--batch-buckets",
 }
 
 
@@ -51,6 +52,14 @@ def add_serving_shape_arguments(p: argparse.ArgumentParser) -> None:
         help="attention-length buckets; the largest must equal --max-seq-len (default: powers of two "
         "from the smallest context bucket)",
     )
+    g.add_argument(
+        "--batch-buckets",
+        type=_buckets,
+        default=(),
+        metavar="N[,N…]",
+        help="rows per step (decode, batched prefill); the largest must equal --max-batch-size; each "
+        "step runs in the smallest that holds its rows (default: powers of two: 8 -> 1,2,4,8)",
+    )
 
 
 def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -58,7 +67,9 @@ def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
     from exec_service.shapes import ServingShape, ShapeError
 
     try:
-        return ServingShape(args.max_batch_size, args.max_seq_len, args.context_buckets, args.kv_buckets)
+        return ServingShape(
+            args.max_batch_size, args.max_seq_len, args.context_buckets, args.kv_buckets, args.batch_buckets
+        )
     except ShapeError as e:
         parser.error(f"{SHAPE_FLAGS.get(e.field, e.field)}: {e}")
 
@@ -155,6 +166,7 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
         max_seq_len=shape.max_seq_len,
         context_buckets=shape.context_buckets,
         kv_buckets=shape.kv_buckets,
+        batch_buckets=shape.batch_buckets,
         compile=args.compile,
         metrics_port=args.metrics_port,
         grace_s=args.grace_period,

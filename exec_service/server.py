@@ -54,6 +54,7 @@ class ServeConfig:
     max_seq_len: int = 2048
     context_buckets: tuple[int, ...] = ()  # () = derived from max_seq_len (exec_service.shapes)
     kv_buckets: tuple[int, ...] = ()
+    batch_buckets: tuple[int, ...] = ()  # () = powers of two up to max_batch_size
     compile: bool = False
     metrics_port: int = 0
     grace_s: float = 30.0
@@ -67,7 +68,9 @@ class ServeConfig:
         self.serving_shape()  # an impossible shape is refused here, before anything binds a port
 
     def serving_shape(self) -> ServingShape:
-        return ServingShape(self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets)
+        return ServingShape(
+            self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets, self.batch_buckets
+        )
 
     def runtime_config(self) -> RuntimeConfig:
         shape = self.serving_shape()
@@ -76,6 +79,7 @@ class ServeConfig:
             max_seq_len=shape.max_seq_len,
             context_buckets=shape.context_buckets,
             kv_buckets=shape.kv_buckets,
+            batch_buckets=shape.batch_buckets,
             backend=self.device,
             compile=self.compile,
         )

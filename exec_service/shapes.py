@@ -12,6 +12,10 @@ errors stay fast.
   plus a quarter of it for short prompts when that is >= 16. 2048 -> (128, 512), 256 -> (64, 256).
 * ``kv_buckets`` (attention lengths): each >= 1, the largest equal to ``max_seq_len``.
   Default: powers of two from the smallest context bucket, then ``max_seq_len``.
+* ``batch_buckets`` (rows of a step: decode, and prefill chunks batched together): each >= 1, the
+  largest equal to ``max_batch_size``. Default: powers of two below ``max_batch_size``, then it
+  (8 -> 1, 2, 4, 8; 6 -> 1, 2, 4, 6). The engine runs each step in the smallest bucket that holds
+  its rows, so one running request does not pay for ``max_batch_size``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class ServingShape:
     max_seq_len: int = 2048
     context_buckets: tuple[int, ...] = field(default=())
     kv_buckets: tuple[int, ...] = field(default=())
+    batch_buckets: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -84,5 +89,21 @@ class ServingShape:
                 f"KV buckets must be >= 1 and the largest KV bucket must equal max_seq_len "
                 f"({self.max_seq_len}): {kv}",
             )
+        batch = tuple(sorted(set(self.batch_buckets))) or pow2_buckets(1, self.max_batch_size)
+        if batch[0] < 1 or batch[-1] != self.max_batch_size:
+            raise ShapeError(
+                "batch_buckets",
+                f"batch buckets must be >= 1 and the largest batch bucket must equal max_batch_size "
+                f"({self.max_batch_size}): {batch}",
+            )
         object.__setattr__(self, "context_buckets", ctx)
         object.__setattr__(self, "kv_buckets", kv)
+        object.__setattr__(self, "batch_buckets", batch)
+
+
+def bucket_for(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket >= n (buckets sorted; n must fit the largest)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"no bucket holds {n} (largest {buckets[-1]})")

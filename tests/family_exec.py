@@ -9,6 +9,7 @@ memory, so its in-memory state dict differs from the checkpoint).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from exec_service.artifact import Artifact, open_artifact
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
+from exec_service.runtime.graphs import DECODE
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from tests.family_configs import make_family_model
@@ -114,19 +116,43 @@ class FamilyCase:
 def run_engine(
     engine: Engine, prompts: list[list[int]], n: int = N_NEW
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """All prompts batched together: (greedy tokens, first-step full-vocab logits) per prompt."""
-    ids = [
-        engine.add_request(Request(p, stopping=StoppingCriteria(max_new_tokens=n, ignore_eos=True)))
-        for p in prompts
-    ]
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    first: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    while len(done) < len(ids):
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-            if out.logits and out.request_id not in first:
-                first[out.request_id] = out.logits[0]
-            if out.finish_reason is not None:
-                done.add(out.request_id)
+    """Greedy tokens and first-step full-vocab logits per prompt, the prompts staggered: one joins
+    per step, so the running batch grows and then shrinks as they finish — every decode batch
+    bucket change happens mid-stream (asserted when there is more than one prompt), and a prompt's
+    prefill runs while others decode."""
+    buckets: list[int] = []
+    run = engine.executor.run
+
+    def spy(spec, inputs):
+        if spec.kind == DECODE:
+            buckets.append(spec.batch)
+        return run(spec, inputs)
+
+    engine.executor.run = spy  # type: ignore[method-assign]
+    try:
+        todo = list(prompts)
+        ids: list[str] = []
+        tokens: dict[str, list[int]] = {}
+        first: dict[str, torch.Tensor] = {}
+        done: set[str] = set()
+        while len(done) < len(prompts):
+            if todo:
+                p = todo.pop(0)
+                ids.append(
+                    engine.add_request(
+                        Request(p, stopping=StoppingCriteria(max_new_tokens=n, ignore_eos=True))
+                    )
+                )
+                tokens[ids[-1]] = []
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+                if out.logits and out.request_id not in first:
+                    first[out.request_id] = out.logits[0]
+                if out.finish_reason is not None:
+                    done.add(out.request_id)
+    finally:
+        del engine.executor.run
+    if len(prompts) > 1 and n > len(prompts):
+        changes = sum(a != b for a, b in itertools.pairwise(buckets))
+        assert changes >= 2, f"the decode batch bucket should grow and shrink mid-stream: {buckets}"
     return [tokens[i] for i in ids], [first[i] for i in ids]

@@ -65,7 +65,11 @@ def test_first_step_logits_and_logprobs(engine, model) -> None:
         rid = engine.add_request(
             Request(p, SamplingParams(logprobs=True, top_logprobs=5), StoppingCriteria(max_new_tokens=1))
         )
-        (out,) = engine.step()
+        steps = 0
+        while not (outs := engine.step()):  # one prefill chunk (at most 16 tokens here) per step
+            steps += 1
+        (out,) = outs
+        assert steps == -(-len(p) // 16) - 1  # the 40-token prompt: two silent chunk steps, then this
         assert out.request_id == rid and out.finish_reason == FinishReason.LENGTH
         ref = hf_last_logits(model, p)
         torch.testing.assert_close(out.logits[0], ref, rtol=0, atol=1e-4)
@@ -316,3 +320,79 @@ def test_greedy_decode_graph_choice(model, reference) -> None:
         assert list(res_full.values()) == list(suppressed.values())
         ((pen_full, _),) = eng.generate([pen]).values()
     assert pen_toks == pen_full  # penalties: the full graph either way
+
+
+class _Recorder:
+    """Records the spec of every graph call the engine makes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.specs: list = []
+        self._engine, self._run = engine, engine.executor.run
+        engine.executor.run = self  # type: ignore[method-assign]
+
+    def __call__(self, spec, inputs):
+        self.specs.append(spec)
+        return self._run(spec, inputs)
+
+    def close(self) -> None:
+        del self._engine.executor.run
+
+
+def test_decode_runs_in_the_smallest_batch_bucket(engine, reference) -> None:
+    """One running request decodes in the batch-1 graph (it does not pay for max_batch_size), two in
+    the batch-2 graph; staggered ones move between buckets as they join and finish."""
+    rec = _Recorder(engine)
+    try:
+        ((toks, _),) = engine.generate([greedy(prompt=PROMPTS[0])]).values()
+        assert toks == reference[0]
+        assert {s.batch for s in rec.specs if s.kind == "tkg"} == {1}
+        rec.specs.clear()
+        res = engine.generate([greedy(prompt=p) for p in PROMPTS[:2]])
+        assert [t for t, _ in res.values()] == reference[:2]
+        assert {s.batch for s in rec.specs if s.kind == "tkg"} == {2}
+        rec.specs.clear()
+        # 3, 9 and 17 tokens: the 17-token prompt needs a second chunk, so it joins a step later
+        # (2 rows, then 3 in the full bucket of 4) and finishes a step later (1 row)
+        res = engine.generate([greedy(prompt=p) for p in PROMPTS[:3]])
+        assert [t for t, _ in res.values()] == reference[:3]
+        tkg = [s.batch for s in rec.specs if s.kind == "tkg"]
+        assert (tkg[0], tkg[1], tkg[-1]) == (2, 4, 1) and set(tkg) == {1, 2, 4}
+    finally:
+        rec.close()
+
+
+def test_a_burst_of_prompts_is_prefilled_together(engine, reference) -> None:
+    """Four prompts arriving together: their chunks share ctx graph calls (batch bucket 4), the
+    long one chunk by chunk, and every token equals transformers'."""
+    rec = _Recorder(engine)
+    try:
+        res = engine.generate([greedy(prompt=p) for p in PROMPTS])
+    finally:
+        rec.close()
+    assert [t for t, _ in res.values()] == reference
+    ctx = [s for s in rec.specs if s.kind == "ctx"]
+    # 3/9/17/40 tokens in chunks of 16: step 1 = the first chunk of all four (one call, B = 4);
+    # then the second chunks of 17 and 40 (B = 2); then the last chunk of 40 (B = 1)
+    assert [(s.batch, s.seq) for s in ctx] == [(4, 16), (2, 16), (1, 8)]
+
+
+def test_a_long_prompt_holds_running_streams_for_one_chunk_per_step(engine, reference) -> None:
+    """While a 40-token prompt is prefilled in chunks of 16, a running stream gets a token every
+    step: each step runs one prefill chunk, then decode."""
+    rid = engine.add_request(greedy(prompt=PROMPTS[0]))
+    for _ in range(3):
+        engine.step()
+    long_id = engine.add_request(greedy(prompt=PROMPTS[3]))
+    got: dict[str, list[int]] = {rid: [], long_id: []}
+    steps_until_first = 0
+    while not got[long_id]:
+        outs = {o.request_id: o for o in engine.step()}
+        steps_until_first += 1
+        assert len(outs[rid].new_token_ids) == 1  # the running stream never waits a step
+        for k, o in outs.items():
+            got[k] += o.new_token_ids
+    assert steps_until_first == 3  # three chunks (16 + 16 + 8), one per step
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+    assert got[long_id] == reference[3]

@@ -25,10 +25,15 @@ SMALL = RuntimeConfig(max_batch_size=2, max_seq_len=64, context_buckets=(8, 32),
 def test_graph_set_and_distinct_signatures() -> None:
     specs = SMALL.graph_specs()
     names = {s.name for s in specs}
+    assert SMALL.batch_buckets == (1, 2)  # default: powers of two up to max_batch_size
     assert names == {
-        "ctx_b1_s8_k16", "ctx_b1_s32_k32", "ctx_b1_s8_k64", "ctx_b1_s32_k64",
-        "tkg_b2_s1_k16", "tkg_b2_s1_k32", "tkg_b2_s1_k64",
-        "tkg_b2_s1_k16_greedy", "tkg_b2_s1_k32_greedy", "tkg_b2_s1_k64_greedy",
+        f"{kind}_b{b}_s{s}_k{k}{suffix}"
+        for b in (1, 2)
+        for kind, s, k, suffix in [
+            ("ctx", 8, 16, ""), ("ctx", 32, 32, ""), ("ctx", 8, 64, ""), ("ctx", 32, 64, ""),
+            ("tkg", 1, 16, ""), ("tkg", 1, 32, ""), ("tkg", 1, 64, ""),
+            ("tkg", 1, 16, "_greedy"), ("tkg", 1, 32, "_greedy"), ("tkg", 1, 64, "_greedy"),
+        ]
     }  # fmt: skip
     sigs = [s.input_shapes() for s in specs]
     assert len(set(sigs)) == len(sigs)  # NxD routes by input shapes alone

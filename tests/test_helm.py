@@ -361,6 +361,10 @@ def test_schema_accepts_defaults_and_profiles():
             {"exec": {"maxSeqLen": 2048, "kvBuckets": [512, 1024]}},
             "the largest KV bucket (1024) must equal exec.maxSeqLen (2048)",
         ),
+        (
+            {"exec": {"maxBatchSize": 8, "batchBuckets": [1, 4]}},
+            "the largest batch bucket (4) must equal exec.maxBatchSize (8)",
+        ),
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"prepareJob": {"enabled": True}}, "prepareJob.models"),
         (
@@ -376,17 +380,24 @@ def test_template_rejects_inconsistent_values(values, needle):
 
 
 @pytest.mark.parametrize(
-    ("shape", "context", "kv"),
+    ("shape", "context", "kv", "batch"),
     [
-        ({"maxSeqLen": 256, "contextBuckets": []}, (64, 256), (64, 128, 256)),
+        ({"maxSeqLen": 256, "contextBuckets": []}, (64, 256), (64, 128, 256), (1, 2, 4, 8)),
         (
-            {"maxSeqLen": 2048, "contextBuckets": [64, 256], "kvBuckets": [256, 1024, 2048]},
+            {
+                "maxSeqLen": 2048,
+                "maxBatchSize": 6,
+                "contextBuckets": [64, 256],
+                "kvBuckets": [256, 1024, 2048],
+                "batchBuckets": [2, 6],
+            },
             (64, 256),
             (256, 1024, 2048),
+            (2, 6),
         ),
     ],
 )
-def test_rendered_serving_shape_is_the_one_exec_server_serves(shape, context, kv):
+def test_rendered_serving_shape_is_the_one_exec_server_serves(shape, context, kv, batch):
     """Empty buckets leave the flags out (exec-server derives them); the rendered args give the same
     shape the exec server's own parser and rules produce."""
     from exec_service.cli import serving_shape_from_args
@@ -396,10 +407,11 @@ def test_rendered_serving_shape_is_the_one_exec_server_serves(shape, context, kv
     args = expand_args(container(exec_deploy(objs)), configmap(objs))
     assert ("--context-buckets" in " ".join(args)) == bool(shape["contextBuckets"])
     assert ("--kv-buckets" in " ".join(args)) == bool(shape.get("kvBuckets"))
+    assert ("--batch-buckets" in " ".join(args)) == bool(shape.get("batchBuckets"))
     parser = build_parser()
     ns = parser.parse_args(args)
     got = serving_shape_from_args(ns, parser)
-    assert (got.context_buckets, got.kv_buckets) == (context, kv)
+    assert (got.context_buckets, got.kv_buckets, got.batch_buckets) == (context, kv, batch)
 
 
 # --------------------------------------------------------------------------------------- probes

@@ -1,9 +1,14 @@
 """The engine: continuous batching over the static step graphs (token level; no text).
 
-A ``step()`` = (1) free the slots of aborted requests, (2) admit waiting requests into free slots and
-prefill each (chunked by the largest context bucket; the last chunk samples the first token),
-(3) one token-generation graph over all slots for every running request (including those just
-admitted). Requests join and leave between steps; a finished request's slot is free for the next step.
+A ``step()`` = (1) free the slots of aborted requests, (2) admit waiting requests into free slots,
+(3) one batched prefill: the next chunk (at most the largest context bucket) of every sequence being
+prefilled, oldest first, as many as fit ``max_prefill_tokens`` (B x S padded tokens; at least one) —
+so a burst of prompts is encoded together and a long prompt holds the running streams for one chunk
+per step, never its whole length; a final chunk samples the sequence's first token — (4) one
+token-generation step for every running sequence (those whose prefill just finished included).
+Each graph call runs in the smallest batch bucket that holds its rows (``RuntimeConfig.batch_buckets``;
+padding rows use the cache's pad slot). Requests join and leave between steps; a finished request's
+slot is free for the next step.
 
 Batch invariance: a request's uniforms come from its own ``torch.Generator(seed)``, one draw per
 token it samples, so the same request with the same seed yields the same tokens whatever else runs.
@@ -34,6 +39,7 @@ from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, context_buck
 from exec_service.runtime.runner import RuntimeConfig
 from exec_service.runtime.sampling import NEUTRAL_PARAMS, NUM_PARAMS
 from exec_service.runtime.step_io import StepInputs, StepOutputs
+from exec_service.shapes import bucket_for
 
 
 @dataclass
@@ -45,6 +51,10 @@ class _Seq:
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
+    # while prefilling: the tokens being encoded (the prompt; for a longrope re-encode also what it
+    # generated) and how many of them are in the cache; None once decoding
+    encoding: list[int] | None = None
+    encoded: int = 0
 
     @property
     def total_len(self) -> int:
@@ -83,9 +93,11 @@ class Engine:
         )
         self.executor = TPExecutor(source, config) if self.tp > 1 else LocalExecutor(source, config)
         self._waiting: deque[_Seq] = deque()
-        self._running: dict[int, _Seq] = {}  # slot -> sequence
+        self._running: dict[int, _Seq] = {}  # slot -> sequence (prefilling or decoding)
+        self._prefilling: deque[_Seq] = deque()  # oldest first
         self._by_id: dict[str, _Seq] = {}
         self._free: list[int] = list(range(self.config.max_batch_size))
+        self._pad_slot = self.config.max_batch_size  # KVCache.pad_slot: where padding rows go
         self._aborted: list[str] = []
         self._ids = itertools.count()
 
@@ -159,12 +171,19 @@ class Engine:
             seq = self._waiting.popleft()
             seq.slot = self._free.pop(0)
             self._running[seq.slot] = seq
-            self._prefill(seq, pending.setdefault(seq.request_id, _Pending()))
-            if seq.finish is not None:
+            self._start_encoding(seq, list(seq.request.prompt_token_ids))
+
+        if self._rope_switch_len is not None:  # longrope: see _longrope_switch_len
+            for seq in self._running.values():
+                if seq.encoding is None and seq.total_len == self._rope_switch_len:
+                    self._start_encoding(seq, [*seq.request.prompt_token_ids, *seq.generated])
+
+        if self._prefilling:
+            for seq in self._prefill(pending):
                 finished.append(seq)
                 self._release(seq)
 
-        if self._running:
+        if any(seq.encoding is None for seq in self._running.values()):
             for seq in self._decode(pending):
                 finished.append(seq)
                 self._release(seq)
@@ -204,6 +223,9 @@ class Engine:
     # -- internals --------------------------------------------------------------------------------
 
     def _release(self, seq: _Seq) -> None:
+        if seq.encoding is not None:
+            self._prefilling.remove(seq)
+            seq.encoding = None
         if seq.slot >= 0:
             self._running.pop(seq.slot, None)
             self._free.append(seq.slot)
@@ -228,68 +250,122 @@ class Engine:
     def _uniform(self, seq: _Seq) -> float:
         return float(torch.rand((), generator=seq.generator))
 
-    def _prefill(self, seq: _Seq, pending: _Pending) -> None:
-        """Encode the sequence so far (the prompt; for a longrope re-encode also what it generated)."""
-        prompt = [*seq.request.prompt_token_ids, *seq.generated]
-        ctx, kv = self.config.context_buckets, self.config.kv_buckets
-        start = 0
-        while start < len(prompt):
-            n = min(len(prompt) - start, ctx[-1])
-            s = context_bucket(ctx, n)
-            spec = GraphSpec(CONTEXT, 1, s, kv_bucket(kv, start + s), self.config.max_suppressed_ids)
-            ids = torch.zeros(1, s, dtype=torch.int64)
-            ids[0, :n] = torch.tensor(prompt[start : start + n])
-            pos = torch.arange(start, start + s, dtype=torch.int64)[None]
-            final = start + n == len(prompt)
-            inputs = StepInputs(
-                input_ids=ids,
-                positions=pos,
-                slots=torch.tensor([seq.slot], dtype=torch.int64),
-                mask=make_mask(pos, spec.kv_len),
-                last_idx=torch.tensor([n - 1], dtype=torch.int64),
-                suppress_ids=self._suppress_row(seq)[None],
-                params=torch.tensor([seq.request.sampling.as_row()], dtype=torch.float32),
-                uniforms=torch.tensor([self._uniform(seq) if final else 0.0], dtype=torch.float32),
-            )
-            out = self.executor.run(spec, inputs)
-            start += n
-        self._accept(seq, out, 0, pending)
+    def _start_encoding(self, seq: _Seq, tokens: list[int]) -> None:
+        seq.encoding, seq.encoded = tokens, 0
+        self._prefilling.append(seq)
 
-    def _decode(self, pending: dict[str, _Pending]) -> list[_Seq]:
-        done = []
-        if self._rope_switch_len is not None:  # longrope: see _longrope_switch_len
-            for seq in list(self._running.values()):
-                if seq.total_len == self._rope_switch_len:
-                    self._prefill(seq, pending.setdefault(seq.request_id, _Pending()))
-                    if seq.finish is not None:
-                        done.append(seq)
-        running = {slot: seq for slot, seq in self._running.items() if seq.finish is None}
-        if not running:
-            return done
-        b = self.config.max_batch_size
-        # a host-side choice between two static graphs (never a branch inside one)
-        greedy = self.config.greedy_graphs and all(
-            _plain_greedy(seq.request.sampling) for seq in running.values()
-        )
-        ids = torch.zeros(b, 1, dtype=torch.int64)
-        pos = torch.zeros(b, 1, dtype=torch.int64)  # unused slots: padding rows at position 0 of their slot
-        sup = torch.full((b, self.config.max_suppressed_ids), -1, dtype=torch.int64)
-        # the full sampler's inputs; the greedy graph takes neither (a greedy row draws nothing)
-        params = None if greedy else torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
-        uni = None if greedy else torch.zeros(b, dtype=torch.float32)
-        for slot, seq in running.items():
-            ids[slot, 0] = seq.generated[-1]
-            pos[slot, 0] = seq.total_len - 1
-            sup[slot] = self._suppress_row(seq)
-            if params is not None and uni is not None:
-                params[slot] = torch.tensor(seq.request.sampling.as_row())
-                uni[slot] = self._uniform(seq)
-        kv = kv_bucket(self.config.kv_buckets, int(pos.max()) + 1)
-        spec = GraphSpec(DECODE, b, 1, kv, self.config.max_suppressed_ids, greedy=greedy)
+    def _chunk(self, seq: _Seq) -> int:
+        assert seq.encoding is not None
+        return min(len(seq.encoding) - seq.encoded, self.config.context_buckets[-1])
+
+    def _prefill_rows(self) -> tuple[list[_Seq], int]:
+        """The sequences whose next chunk runs this step (oldest first, within the token budget) and
+        the context bucket S they share."""
+        cfg = self.config
+        rows: list[_Seq] = []
+        s = 0
+        for seq in self._prefilling:
+            s_new = max(s, context_bucket(cfg.context_buckets, self._chunk(seq)))
+            if len(rows) == cfg.batch_buckets[-1]:
+                break
+            if rows and bucket_for(cfg.batch_buckets, len(rows) + 1) * s_new > cfg.max_prefill_tokens:
+                break
+            rows.append(seq)
+            s = s_new
+        return rows, s
+
+    def _prefill(self, pending: dict[str, _Pending]) -> list[_Seq]:
+        """One batched context-encoding step: the next chunk of each chosen sequence, one row each
+        (rows beyond them pad the batch bucket in the pad slot). A row whose chunk ends its encoding
+        samples the sequence's next token (its first, or the one after a longrope re-encode)."""
+        cfg = self.config
+        rows, s = self._prefill_rows()
+        b = bucket_for(cfg.batch_buckets, len(rows))
+        starts = [seq.encoded for seq in rows]
+        spec = GraphSpec(CONTEXT, b, s, kv_bucket(cfg.kv_buckets, max(starts) + s), cfg.max_suppressed_ids)
+        ids = torch.zeros(b, s, dtype=torch.int64)
+        pos = torch.arange(s, dtype=torch.int64).repeat(b, 1)  # padding rows: positions 0..S-1
+        slots = torch.full((b,), self._pad_slot, dtype=torch.int64)
+        last = torch.zeros(b, dtype=torch.int64)
+        sup = torch.full((b, cfg.max_suppressed_ids), -1, dtype=torch.int64)
+        params = torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
+        uni = torch.zeros(b, dtype=torch.float32)
+        final: list[bool] = []
+        for r, seq in enumerate(rows):
+            assert seq.encoding is not None
+            n, start = self._chunk(seq), seq.encoded
+            ids[r, :n] = torch.tensor(seq.encoding[start : start + n])
+            pos[r] += start
+            slots[r], last[r] = seq.slot, n - 1
+            sup[r] = self._suppress_row(seq)
+            params[r] = torch.tensor(seq.request.sampling.as_row())
+            final.append(start + n == len(seq.encoding))
+            if final[-1]:  # only a sampled token draws: the request's stream of draws stays its own
+                uni[r] = self._uniform(seq)
+            seq.encoded += n
         inputs = StepInputs(
             input_ids=ids,
             positions=pos,
-            slots=torch.arange(b, dtype=torch.int64),  # row b is slot b
+            slots=slots,
+            mask=make_mask(pos, spec.kv_len),
+            last_idx=last,
+            suppress_ids=sup,
+            params=params,
+            uniforms=uni,
+        )
+        out = self.executor.run(spec, inputs)
+        done = []
+        for r, seq in enumerate(rows):
+            if not final[r]:
+                continue
+            self._prefilling.remove(seq)
+            seq.encoding = None
+            self._accept(seq, out, r, pending.setdefault(seq.request_id, _Pending()))
+            if seq.finish is not None:
+                done.append(seq)
+        return done
+
+    def _decode(self, pending: dict[str, _Pending]) -> list[_Seq]:
+        """One token-generation step for every decoding sequence, in the smallest batch bucket that
+        holds them: the largest bucket has row b = slot b (the cache read is a view), a smaller one
+        has the sequences' rows in slot order (their cache rows are gathered)."""
+        cfg = self.config
+        running = sorted(
+            (seq for seq in self._running.values() if seq.encoding is None and seq.finish is None),
+            key=lambda q: q.slot,
+        )
+        if not running:
+            return []
+        b = bucket_for(cfg.batch_buckets, len(running))
+        row_of = (
+            {seq.slot: seq.slot for seq in running}
+            if b == cfg.max_batch_size
+            else {seq.slot: r for r, seq in enumerate(running)}
+        )
+        # a host-side choice between two static graphs (never a branch inside one)
+        greedy = cfg.greedy_graphs and all(_plain_greedy(seq.request.sampling) for seq in running)
+        ids = torch.zeros(b, 1, dtype=torch.int64)
+        pos = torch.zeros(b, 1, dtype=torch.int64)  # padding rows: position 0 of the pad slot
+        slots = torch.full((b,), self._pad_slot, dtype=torch.int64)
+        sup = torch.full((b, cfg.max_suppressed_ids), -1, dtype=torch.int64)
+        # the full sampler's inputs; the greedy graph takes neither (a greedy row draws nothing)
+        params = None if greedy else torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
+        uni = None if greedy else torch.zeros(b, dtype=torch.float32)
+        for seq in running:
+            r = row_of[seq.slot]
+            ids[r, 0] = seq.generated[-1]
+            pos[r, 0] = seq.total_len - 1
+            slots[r] = seq.slot
+            sup[r] = self._suppress_row(seq)
+            if params is not None and uni is not None:
+                params[r] = torch.tensor(seq.request.sampling.as_row())
+                uni[r] = self._uniform(seq)
+        kv = kv_bucket(cfg.kv_buckets, int(pos.max()) + 1)
+        spec = GraphSpec(DECODE, b, 1, kv, cfg.max_suppressed_ids, greedy=greedy)
+        inputs = StepInputs(
+            input_ids=ids,
+            positions=pos,
+            slots=slots,
             mask=make_mask(pos, spec.kv_len),
             last_idx=torch.zeros(b, dtype=torch.int64),
             suppress_ids=sup,
@@ -297,8 +373,9 @@ class Engine:
             uniforms=uni,
         )
         out = self.executor.run(spec, inputs)
-        for slot, seq in running.items():
-            self._accept(seq, out, slot, pending.setdefault(seq.request_id, _Pending()))
+        done = []
+        for seq in running:
+            self._accept(seq, out, row_of[seq.slot], pending.setdefault(seq.request_id, _Pending()))
             if seq.finish is not None:
                 done.append(seq)
         return done

@@ -9,18 +9,22 @@ and executors pass them as ``step_io.StepInputs`` / ``StepOutputs``:
                    last_idx [B] i64, params [B,NUM_PARAMS] f32, uniforms [B] f32, suppress_ids [B,M] i64)
       -> (tokens [B] i64, logprob [B] f32, top_ids [B,n] i64, top_logprobs [B,n] f32[, logits [B,V]])
 
-* context encoding ``ctx`` (B=1, S=context bucket >= 2, K=KV bucket >= start+S): prefill one slot,
-  possibly one chunk of a longer prompt, attending to that slot's cache prefix [:K];
-* token generation ``tkg`` (B=max_batch, S=1, K=KV bucket): one token for every slot (row b is slot b;
-  rows of unused slots are padding and write only to their own, unused, slot);
+* context encoding ``ctx`` (B=batch bucket, S=context bucket >= 2, K=KV bucket >= start+S): one
+  prefill chunk per row (a prompt, or one chunk of a longer one), each row its own slot (``slots``),
+  attending to that slot's cache prefix [:K]; prompts arriving together are prefilled together;
+* token generation ``tkg`` (B=batch bucket, S=1, K=KV bucket): one token per running sequence, each
+  row addressing its slot through ``slots`` (the cache rows of those slots are gathered), except in
+  the largest bucket (B = max_batch), where row b is slot b and the cache is read as a view;
+* rows that pad a step up to its bucket use the cache's pad slot (``KVCache.pad_slot``) and are
+  never read back;
 * greedy token generation ``tkg_..._greedy``: the same step for a batch whose every row is greedy
   with neutral penalties and wants no logprobs (the host picks it, ``engine._decode``). Its sampler
   is one argmax after the suppressed ids (no penalties, no candidate top-k, no logsumexps, no token
   counts update: ~15 fewer full-vocab passes per step). It takes no params / uniforms inputs, so its
   input signature (6 inputs) differs from the full graph's (8), and returns ``(tokens[, logits])``.
 
-The mask's K makes every (kind, S, K) a distinct input-shape signature; S >= 2 for context buckets
-keeps prefill and decode apart even at max_batch = 1.
+The mask's [B, S, K] makes every (kind, B, S, K) a distinct input-shape signature; S >= 2 for
+context buckets keeps prefill and decode apart even at B = 1.
 """
 
 from __future__ import annotations
@@ -62,8 +66,10 @@ class GraphSpec:
             raise ValueError("only token-generation graphs have a greedy variant")
         if self.kind == DECODE and self.seq != 1:
             raise ValueError("a token-generation graph has seq 1")
-        if self.kind == CONTEXT and (self.seq < 2 or self.batch != 1):
-            raise ValueError("a context-encoding graph has batch 1 and seq >= 2")
+        if self.kind == CONTEXT and self.seq < 2:
+            raise ValueError("a context-encoding graph has seq >= 2")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.kv_len < self.seq:
             raise ValueError(f"kv_len {self.kv_len} < seq {self.seq}")
 
@@ -139,6 +145,12 @@ class StepGraph(nn.Module):
         self.num_candidates, self.num_top, self.return_logits = num_candidates, num_top, return_logits
 
     @property
+    def gathers(self) -> bool:
+        """Whether attention gathers its rows' cache slots (static, from the spec): every graph but a
+        full-batch decode, whose row b is slot b (a view of the cache, no copy)."""
+        return not (self.spec.kind == DECODE and self.spec.batch == self.cache.max_batch)
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         """Names of what ``forward`` returns, in order (``StepOutputs.from_graph``)."""
         return (*self.spec.output_names(), "logits") if self.return_logits else self.spec.output_names()
@@ -155,8 +167,7 @@ class StepGraph(nn.Module):
         suppress_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         m = self.model
-        gather = self.spec.kind == CONTEXT
-        logits = m(input_ids, positions, slots, mask, last_idx, self.cache, gather)  # [B, V_r]
+        logits = m(input_ids, positions, slots, mask, last_idx, self.cache, self.gathers)  # [B, V_r]
         valid = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= last_idx[:, None]
         counts = self.counts.update(slots, input_ids, positions, valid, m.vocab_offset())
         out = sample(
@@ -194,30 +205,31 @@ class GreedyStepGraph(StepGraph):
         suppress_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         m = self.model
-        logits = m(input_ids, positions, slots, mask, last_idx, self.cache, False)  # [B, V_r]
+        logits = m(input_ids, positions, slots, mask, last_idx, self.cache, self.gathers)  # [B, V_r]
         tokens = greedy_tokens(logits, suppress_ids, m.vocab_offset(), m.comm, self.return_logits)
         return (tokens, self.full_logits(logits)) if self.return_logits else (tokens,)
 
 
 def graph_set(
-    max_batch: int,
+    batch_buckets: tuple[int, ...],
     max_seq_len: int,
     context_buckets: tuple[int, ...],
     kv_buckets: tuple[int, ...],
     suppress: int = 1,
 ) -> list[GraphSpec]:
-    """Every graph the engine can call: ctx (S, K) for each chunk a prompt can be split into, and
-    tkg (full and greedy) per KV bucket. Graphs are built lazily (``Runner.fn``): an unused variant
-    costs nothing."""
+    """Every graph the engine can call: ctx (B, S, K) for each batch bucket and each chunk a prompt
+    can be split into, and tkg (full and greedy) per batch bucket and KV bucket. Graphs are built
+    lazily (``Runner.fn``): an unused variant costs nothing."""
     specs: set[GraphSpec] = set()
     largest = max(context_buckets)
-    for start in range(0, max_seq_len, largest):
-        for s in context_buckets:
-            if start + s <= max_seq_len:
-                specs.add(GraphSpec(CONTEXT, 1, s, kv_bucket(kv_buckets, start + s), suppress))
-    for k in kv_buckets:
-        specs.add(GraphSpec(DECODE, max_batch, 1, k, suppress))
-        specs.add(GraphSpec(DECODE, max_batch, 1, k, suppress, greedy=True))
+    for b in batch_buckets:
+        for start in range(0, max_seq_len, largest):
+            for s in context_buckets:
+                if start + s <= max_seq_len:
+                    specs.add(GraphSpec(CONTEXT, b, s, kv_bucket(kv_buckets, start + s), suppress))
+        for k in kv_buckets:
+            specs.add(GraphSpec(DECODE, b, 1, k, suppress))
+            specs.add(GraphSpec(DECODE, b, 1, k, suppress, greedy=True))
     return sorted(specs)
 
 

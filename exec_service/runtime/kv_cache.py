@@ -1,5 +1,7 @@
-"""The static KV cache: per layer one K and one V tensor [max_batch, KV_r, max_seq_len, D] (BHSD),
-allocated once. A slot (row of dim 0) is one sequence.
+"""The static KV cache: per layer one K and one V tensor [max_batch + 1, KV_r, max_seq_len, D] (BHSD),
+allocated once. A slot (row of dim 0) is one sequence; slot ``max_batch`` (``pad_slot``) belongs to no
+sequence: the rows that pad a step up to its batch bucket read and write there, so padding never
+touches a slot in use (one being prefilled chunk by chunk included). Token counts have the same rows.
 
 Graph code touches the cache only through ``write`` and ``read``, so a backend can change how the
 update happens: in place here (index_copy_), an out-of-place scatter aliased to the input on Neuron.
@@ -24,7 +26,8 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         self.num_layers, self.max_batch, self.max_seq_len = num_layers, max_batch, max_seq_len
-        shape = (max_batch, kv_heads, max_seq_len, head_dim)
+        self.pad_slot = max_batch
+        shape = (max_batch + 1, kv_heads, max_seq_len, head_dim)
         # one tensor per layer and per K/V: a single stacked cache makes compiled code copy it whole
         for i in range(num_layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -57,11 +60,12 @@ class KVCache(nn.Module):
         vc.view(-1, d).index_copy_(0, index, v.reshape(-1, d).to(vc.dtype))
 
     def read(self, layer: int, kv_len: int, slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``kv_len`` positions: of every slot (rows == slots, decode) -> a view, or of
-        ``slots`` (prefill) -> [len(slots), KV_r, kv_len, D]."""
+        """The first ``kv_len`` positions: of slots 0..max_batch-1 (``slots`` None: a full-batch
+        decode, row b is slot b) -> a view; or of ``slots`` -> [len(slots), KV_r, kv_len, D] (a
+        gather: prefill rows and the smaller decode buckets)."""
         kc, vc = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
-        if slots is None or (self.max_batch == 1 and slots.shape[0] == 1):  # the only slot is 0
-            return kc[:, :, :kv_len], vc[:, :, :kv_len]
+        if slots is None:
+            return kc[: self.max_batch, :, :kv_len], vc[: self.max_batch, :, :kv_len]
         return kc[:, :, :kv_len].index_select(0, slots), vc[:, :, :kv_len].index_select(0, slots)
 
     def reset(self) -> None:

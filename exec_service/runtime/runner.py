@@ -33,6 +33,7 @@ class RuntimeConfig:
     max_seq_len: int = 256
     context_buckets: tuple[int, ...] = (16, 64)
     kv_buckets: tuple[int, ...] = field(default=())
+    batch_buckets: tuple[int, ...] = field(default=())
     backend: str = "cpu"
     compile: bool = False
     num_candidates: int = 256  # per-rank / merged sampling candidates (see sampling.py)
@@ -50,10 +51,17 @@ class RuntimeConfig:
     # bfloat16 activations, up to INT8PACK_MAX_ROWS rows), "dequant" elsewhere ((x q^T) * scale in
     # the model dtype: cuda, large prefills, and exact-arithmetic parity tests)
     int8_kernel: str = "auto"
+    # prefill chunks batched into one step hold at most this many (padded) tokens, B x S; 0 = the
+    # default, max(largest context bucket, 1024): 8 prompts of 128 tokens are one step
+    max_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         # the serving-shape rules live in one place (exec_service/shapes.py; the CLI and Helm use them)
-        shape = ServingShape(self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets)
+        shape = ServingShape(
+            self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets, self.batch_buckets
+        )
+        if self.max_prefill_tokens < 0:
+            raise ValueError(f"max_prefill_tokens must be >= 0 (0 = default), got {self.max_prefill_tokens}")
         if self.cpu_linear not in ("onednn", "aten"):
             raise ValueError(f"cpu_linear must be 'onednn' or 'aten', got {self.cpu_linear!r}")
         if self.int8_kernel not in ("auto", *INT8_KERNELS):
@@ -64,6 +72,9 @@ class RuntimeConfig:
             raise ValueError("num_candidates, num_top_logprobs and max_suppressed_ids must be >= 1")
         object.__setattr__(self, "context_buckets", shape.context_buckets)
         object.__setattr__(self, "kv_buckets", shape.kv_buckets)
+        object.__setattr__(self, "batch_buckets", shape.batch_buckets)
+        if not self.max_prefill_tokens:
+            object.__setattr__(self, "max_prefill_tokens", max(shape.context_buckets[-1], 1024))
 
     def resolved_int8_kernel(self) -> str:
         if self.int8_kernel != "auto":
@@ -72,7 +83,7 @@ class RuntimeConfig:
 
     def graph_specs(self) -> list[GraphSpec]:
         return graph_set(
-            self.max_batch_size,
+            self.batch_buckets,
             self.max_seq_len,
             self.context_buckets,
             self.kv_buckets,

@@ -39,13 +39,14 @@ NEUTRAL_PARAMS = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)  # greedy, no filtering, no
 
 
 class TokenCounts(nn.Module):
-    """Per-slot occurrence counts of this rank's vocab shard: float32 [max_batch, V_r] (graph state)."""
+    """Per-slot occurrence counts of this rank's vocab shard: float32 [max_batch + 1, V_r] (graph
+    state; the last row is the KV cache's pad slot, written by padding rows only)."""
 
     def __init__(self, max_batch: int, vocab_per_rank: int, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.vocab_per_rank = vocab_per_rank
         self.register_buffer(
-            "counts", torch.zeros(max_batch, vocab_per_rank, device=device), persistent=False
+            "counts", torch.zeros(max_batch + 1, vocab_per_rank, device=device), persistent=False
         )
 
     def update(

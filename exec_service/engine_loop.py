@@ -1,11 +1,13 @@
 """The thread ↔ asyncio bridge: the engine runs ``step()`` on its own thread; streams wait on asyncio.
 
 * The **engine loop** (one thread) owns the engine: it takes new requests and aborts from a queue
-  between steps, runs ``engine.step()`` and hands each output to its request's asyncio queue with
-  ``call_soon_threadsafe``. Nothing on the gRPC side can delay a forward pass.
+  between steps, runs ``engine.step()`` and hands the whole step's outputs to the event loop in ONE
+  ``call_soon_threadsafe`` (one wake-up of the event loop per step, not one per stream: each wake-up
+  is a self-pipe write, a context switch and a GIL hand-over that the engine thread pays for too).
+  Nothing on the gRPC side can delay a forward pass.
 * A **Subscription** is one request's asyncio side: ``next()`` waits for outputs and returns every
-  one that piled up (a lagging client gets them in one message); ``close()`` aborts the request
-  unless it finished.
+  one that piled up (a lagging client gets them in one message, in order); ``abort()`` stops the
+  request unless it finished.
 
 Failures are exceptions on the asyncio side: ``EngineRejected`` (the engine refused the request,
 INVALID_ARGUMENT) and ``EngineFailed`` (the loop died: every stream fails, liveness goes false).
@@ -14,11 +16,12 @@ INVALID_ARGUMENT) and ``EngineFailed`` (the loop died: every stream fails, liven
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from exec_service.engine import Engine, Request, RequestOutput
@@ -42,16 +45,30 @@ class Delivered:
     step_started: float
 
 
-@dataclass(frozen=True)
-class _Item:
-    delivered: Delivered | None = None
-    error: BaseException | None = None
+# what a subscription receives: an output, or the error that ends it
+_Item = Delivered | BaseException
 
 
 @dataclass(frozen=True)
 class _Add:
     request: Request
-    sink: Callable[[_Item], None]
+    sub: Subscription
+
+
+def _put_all(batch: Sequence[tuple[Subscription, _Item]]) -> None:
+    """Event loop thread: one step's items, in the engine's order."""
+    for sub, item in batch:
+        sub._put(item)
+
+
+def _post(aio: asyncio.AbstractEventLoop, batch: list[tuple[Subscription, _Item]]) -> None:
+    """Engine thread: hand ``batch`` to ``aio`` in one ``call_soon_threadsafe``. A closed event loop
+    has nobody left to listen (the server stopped); the engine loop must not die of it."""
+    try:
+        aio.call_soon_threadsafe(_put_all, batch)
+    except RuntimeError:  # "Event loop is closed"
+        if not aio.is_closed():
+            raise
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class EngineLoop:
         self._cmds: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._sinks: dict[str, Callable[[_Item], None]] = {}
+        self._subs: dict[str, Subscription] = {}
         self.error: BaseException | None = None
         self.counts = Counts(free_slots=engine.config.max_batch_size)
         # prompt tokens submitted but not yet admitted into a slot (admission control)
@@ -100,7 +117,7 @@ class EngineLoop:
         with self._lock:
             self._pending_tokens[request.request_id] = len(request.prompt_token_ids)
             self.waiting_prompt_tokens += len(request.prompt_token_ids)
-        self._cmds.put(_Add(request, sub.deliver))
+        self._cmds.put(_Add(request, sub))
         self._wake.set()
         return sub
 
@@ -117,6 +134,8 @@ class EngineLoop:
     # -- the loop thread ------------------------------------------------------------------------
 
     def _admitted(self, rid: str) -> None:
+        if rid not in self._pending_tokens:  # only this thread removes entries
+            return
         with self._lock:
             self.waiting_prompt_tokens -= self._pending_tokens.pop(rid, 0)
 
@@ -132,28 +151,43 @@ class EngineLoop:
                 started = time.monotonic()
                 outputs = self.engine.step()
                 self._snapshot()  # before the streams hear of it: a client then sees freed slots
-                for out in outputs:
-                    sink = self._sinks.get(out.request_id)
-                    if out.finished:
-                        self._sinks.pop(out.request_id, None)
-                    if out.finished or out.new_token_ids:
-                        self._admitted(out.request_id)
-                    if sink is not None:
-                        sink(_Item(Delivered(out, started)))
+                self._deliver(outputs, started)
         except BaseException as e:  # the engine is broken: fail every stream, liveness goes false
             self.error = e
             log.exception("engine loop died")
             failed = EngineFailed(f"the engine failed: {type(e).__name__}: {e}")
-            for sink in list(self._sinks.values()):
-                sink(_Item(error=failed))
-            self._sinks.clear()
+            subs = list(self._subs.values())
+            self._subs.clear()
             while True:  # anything submitted meanwhile fails too
                 try:
                     cmd = self._cmds.get_nowait()
                 except queue.Empty:
                     break
                 if isinstance(cmd, _Add):
-                    cmd.sink(_Item(error=failed))
+                    subs.append(cmd.sub)
+            self._post_grouped((sub, failed) for sub in subs)
+
+    def _deliver(self, outputs: Sequence[RequestOutput], started: float) -> None:
+        """All of one step's outputs reach the event loop together, in one hand-over."""
+        subs = self._subs
+        items: list[tuple[Subscription, _Item]] = []
+        for out in outputs:
+            rid = out.request_id
+            sub = subs.pop(rid, None) if out.finished else subs.get(rid)
+            if out.finished or out.new_token_ids:
+                self._admitted(rid)
+            if sub is not None:
+                items.append((sub, Delivered(out, started)))
+        self._post_grouped(items)
+
+    @staticmethod
+    def _post_grouped(items) -> None:
+        """One ``call_soon_threadsafe`` per event loop (a server has one; tests may have several)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Subscription, _Item]]] = {}
+        for sub, item in items:
+            by_loop.setdefault(sub.aio, []).append((sub, item))
+        for aio, batch in by_loop.items():
+            _post(aio, batch)
 
     def _drain_commands(self) -> None:
         while True:
@@ -169,9 +203,9 @@ class EngineLoop:
                 self.engine.add_request(cmd.request)
             except ValueError as e:
                 self._admitted(rid)
-                cmd.sink(_Item(error=EngineRejected(str(e))))
+                _post(cmd.sub.aio, [(cmd.sub, EngineRejected(str(e)))])
                 continue
-            self._sinks[rid] = cmd.sink
+            self._subs[rid] = cmd.sub
 
     def _snapshot(self) -> None:
         e = self.engine
@@ -184,28 +218,41 @@ class Subscription:
     """One request's outputs on the asyncio side."""
 
     def __init__(self, loop: EngineLoop, request_id: str, aio_loop: asyncio.AbstractEventLoop) -> None:
-        self._loop, self.request_id, self._aio = loop, request_id, aio_loop
-        self._items: asyncio.Queue[_Item] = asyncio.Queue()
+        self._loop, self.request_id, self.aio = loop, request_id, aio_loop
+        # a plain deque and one future to wake the reader: what asyncio.Queue does, without its
+        # getter/putter bookkeeping on every token
+        self._items: collections.deque[_Item] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.finished = False
 
-    def deliver(self, item: _Item) -> None:
-        """Engine thread."""
-        self._aio.call_soon_threadsafe(self._items.put_nowait, item)
+    def _put(self, item: _Item) -> None:
+        """Event loop thread (the engine thread posts through ``call_soon_threadsafe``)."""
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def next(self, timeout: float | None = None) -> list[Delivered]:
         """Waits (up to ``timeout`` s: TimeoutError) for outputs; returns all that are queued, up to
-        and including the final one. Raises EngineRejected / EngineFailed."""
-        items = [await asyncio.wait_for(self._items.get(), timeout)]
-        while not self._items.empty():
-            items.append(self._items.get_nowait())
-        out = []
-        for item in items:
-            if item.error is not None:
+        and including the final one, oldest first. Raises EngineRejected / EngineFailed."""
+        items = self._items
+        if not items:
+            w = self._waiter = self.aio.create_future()
+            try:
+                if timeout is None:
+                    await w
+                else:
+                    await asyncio.wait_for(w, timeout)
+            finally:
+                self._waiter = None
+        out: list[Delivered] = []
+        while items:
+            item = items.popleft()
+            if isinstance(item, BaseException):
                 self.finished = True
-                raise item.error
-            assert item.delivered is not None
-            out.append(item.delivered)
-            if item.delivered.output.finished:
+                raise item
+            out.append(item)
+            if item.output.finished:
                 self.finished = True
                 break
         return out

@@ -24,6 +24,7 @@ from exec_service.engine_loop import EngineFailed, EngineLoop, EngineRejected
 from exec_service.metrics import ExecMetrics
 from exec_service.requests import GenerationDefaults, Limits, to_engine_request, tokenize_request
 from exec_service.streaming import GenerationStream
+from exec_service.text import TokenDecoders
 from protos import exec_pb2, exec_pb2_grpc
 from shared.rpc_errors import ErrorMap, RpcError, unavailable
 
@@ -55,12 +56,14 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
     def __init__(self, metrics: ExecMetrics) -> None:
         self.metrics = metrics
         self.serving: Serving | None = None
+        self._decoders: TokenDecoders | None = None
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def serve(self, serving: Serving) -> None:
+        self._decoders = TokenDecoders(serving.tokenizer)  # shared by every stream
         self.serving = serving
 
     def _ready(self) -> Serving:
@@ -101,7 +104,7 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
         self.active += 1
         self._idle.clear()
         self.metrics.prompt_tokens.inc(n_prompt)
-        stream = GenerationStream(parsed, s.tokenizer, self.metrics, arrived)
+        stream = GenerationStream(parsed, s.tokenizer, self.metrics, arrived, decoders=self._decoders)
         sub = s.loop.subscribe(parsed.engine_request)
         log.info(
             "request %s: %d prompt tokens, max_new_tokens %s",

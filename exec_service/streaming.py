@@ -18,7 +18,7 @@ from exec_service.engine import FinishReason, RequestOutput
 from exec_service.engine_loop import Delivered
 from exec_service.metrics import ExecMetrics
 from exec_service.requests import ParsedRequest
-from exec_service.text import IncrementalDetokenizer, StopMatcher
+from exec_service.text import IncrementalDetokenizer, StopMatcher, TokenDecoders
 from protos import exec_pb2
 
 FINISH_REASONS = {
@@ -49,11 +49,16 @@ class GenerationStream:
     finished: bool = False
     generated: int = 0
     seed: int = 0
+    decoders: TokenDecoders | None = None  # the server's shared ones for this tokenizer
 
     def __post_init__(self) -> None:
         p = self.parsed
+        skip = p.skip_special_tokens
         self._detok = IncrementalDetokenizer(
-            self.tokenizer, prompt_ids=p.prompt_ids, skip_special_tokens=p.skip_special_tokens
+            self.tokenizer,
+            prompt_ids=p.prompt_ids,
+            skip_special_tokens=skip,
+            decoder=None if self.decoders is None else self.decoders.get(skip),
         )
         self._stops = StopMatcher(list(p.stop_strings), include_stop_in_output=p.include_stop_in_output)
         self._timing = _Timing(self.arrived)

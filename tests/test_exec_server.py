@@ -353,6 +353,38 @@ def test_concurrent_streams_mixed(served, tiny) -> None:
     assert _run(_info(served.target)).free_slots == 4
 
 
+def test_the_loader_thread_is_gone_once_serving(served) -> None:
+    """Torch ran on the loader thread (load, warm-up), then only on the engine loop's."""
+    import threading
+
+    names = [t.name for t in threading.enumerate()]
+    assert "exec-load" not in names and "engine-loop" in names
+
+
+def test_slow_readers_get_every_token_in_order(served) -> None:
+    """Streams whose clients read slowly, next to fast ones: each gets exactly the tokens and text
+    of a run on its own, in order (what piled up comes in fewer, larger messages)."""
+    prompts = [[7, 8, 9], [40, 41], [300, 301, 302, 303], [9, 9]]
+    alone = [_run(_generate(served.target, _ids_req(p, 48))) for p in prompts]
+
+    async def read(p: list[int], delay: float) -> list[exec_pb2.GenerateResponse]:
+        async with grpc.aio.insecure_channel(served.target) as ch:
+            msgs = []
+            async for m in exec_pb2_grpc.ExecServiceStub(ch).Generate(_ids_req(p, 48)):
+                msgs.append(m)
+                await asyncio.sleep(delay)
+            return msgs
+
+    async def main():
+        return await asyncio.gather(*(read(p, 0.03 if i % 2 else 0.0) for i, p in enumerate(prompts)))
+
+    for got, ref in zip(_run(main()), alone, strict=True):
+        assert _tokens(got) == _tokens(ref)
+        assert "".join(m.text for m in got) == "".join(m.text for m in ref)
+        assert got[-1].finish_reason == exec_pb2.LENGTH and got[-1].usage.completion_tokens == 48
+        assert all(m.token_ids or m.text or m is got[-1] for m in got)
+
+
 def test_queue_overflow_is_resource_exhausted(tiny) -> None:
     _, uri = tiny
     s = Served(

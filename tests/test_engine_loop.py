@@ -72,6 +72,14 @@ def _req(i: int, n: int, prompt: int = 3) -> Request:
     )
 
 
+async def _queued(sub, tokens: int, timeout: float = 30) -> None:
+    """Until ``tokens`` tokens wait in the subscription (handed over, not yet read)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while sum(len(d.output.new_token_ids) for d in sub._items) < tokens:
+        assert asyncio.get_running_loop().time() < deadline, "the outputs never arrived"
+        await asyncio.sleep(0.005)
+
+
 async def _drain(sub) -> list[list[int]]:
     """Every next() result, as the token ids of each delivered output."""
     got = []
@@ -120,7 +128,7 @@ def test_lagging_reader_gets_every_token_in_order() -> None:
             fast_got = await _drain(fast)
             assert [t for g in fast_got for t in g] == list(range(1, 41))
             # the slow reader had not asked yet: everything piled up and comes in one batch
-            await asyncio.sleep(0.05)
+            await _queued(slow, 40)
             slow_got = await _drain(slow)
             assert slow_got == [[1000 + k for k in range(1, 41)]]
         finally:
@@ -138,11 +146,8 @@ def test_reader_that_reads_every_few_steps() -> None:
         try:
             batches = []
             for chunk in (1, 3, 5, 3):
-                target = eng.steps + chunk
                 eng.go.release(chunk)
-                while eng.steps < target:
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.05)  # the last of these steps is handed over
+                await _queued(sub, chunk)  # all of these steps are handed over
                 batches.append([t for d in await sub.next(30) for t in d.output.new_token_ids])
             # what piled up between reads comes in one batch, oldest first
             assert batches == [[1], [2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12]]

@@ -165,6 +165,7 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
             max_seq_len=cfg.max_seq_len,
             context_buckets=list(cfg.context_buckets),
             kv_buckets=list(cfg.kv_buckets),
+            batch_buckets=list(cfg.batch_buckets),
             eos_token_ids=sorted(engine.eos_token_ids),
             vocab_size=man.architecture.vocab_size,
             manifest_digest=s.artifact.digest,

@@ -259,6 +259,7 @@ def test_tokenize_and_model_info(served) -> None:
         info.vocab_size == VOCAB
         and info.limits.max_prompt_tokens == 255
         and list(info.context_buckets) == [16, 64]
+        and list(info.batch_buckets) == [1, 2, 4]
     )
     assert info.free_slots == 4 and len(info.manifest_digest) == 64 and info.tp_degree == 1
     assert 2 in info.eos_token_ids

@@ -6,8 +6,9 @@ at 1 and 8 concurrent requests, in ONE run.
                                   [--max-batch-size 8] [--max-seq-len L] [--server-args "..."]
 
 Each load level S (``--streams``) runs three sides on the same S prompts (``prompt_ids(P, seed=i)``,
-as bench.decode), greedy, EOS ignored (transformers ``min_new_tokens = max_new_tokens``; ours
-``ignore_eos`` and the same ``min_new_tokens``, so EOS is masked the same way on every side):
+as bench.decode), greedy, EOS masked the same way on every side (``min_new_tokens =
+max_new_tokens``: EOS cannot be chosen before the last token, so no request stops early and the
+tokens stay comparable; ``ignore_eos`` alone would let EOS be chosen, where transformers masks it):
 
 * **transformers** ``generate`` at batch S (built and timed as in bench.decode);
 * **served**: the real ``neuron-serve exec-server`` CLI, started once as a subprocess (what a user
@@ -169,7 +170,7 @@ def run_transformers(model, prompts: list[list[int]], new: int) -> Run:
 def run_engine(engine, prompts: list[list[int]], new: int) -> Run:
     from exec_service.engine import Request, SamplingParams, StoppingCriteria
 
-    stop = StoppingCriteria(max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
+    stop = StoppingCriteria(max_new_tokens=new, min_new_tokens=new)  # EOS masked (not stopped at)
     t0 = time.perf_counter()
     rids = [engine.add_request(Request(tuple(p), SamplingParams(temperature=0.0), stop)) for p in prompts]
     tokens: dict[str, list[int]] = {r: [] for r in rids}
@@ -252,7 +253,7 @@ async def run_served(stub, pb, prompts: list[list[int]], new: int) -> Run:
         pb.GenerateRequest(
             prompt_token_ids=pb.TokenIds(ids=p),
             sampling=pb.SamplingParams(temperature=0.0),
-            stopping=pb.StoppingCriteria(max_new_tokens=new, min_new_tokens=new, ignore_eos=True),
+            stopping=pb.StoppingCriteria(max_new_tokens=new, min_new_tokens=new),
         )
         for p in prompts
     ]

@@ -245,3 +245,37 @@ def test_in_own_thread_returns_raises_and_has_exited() -> None:
             await in_own_thread(fail, "exec-load")
 
     asyncio.run(main())
+
+
+def test_a_burst_arriving_while_idle_starts_in_one_step() -> None:
+    """Streams started together (here 8, 1 ms apart, while the engine is idle) are all in the
+    engine before its first step — so their prompts are prefilled together — and a lone request
+    waits only for the short quiet period."""
+
+    class Recording(ScriptedEngine):
+        def step(self):
+            self.seen_at_step.append(len(self.running))
+            return super().step()
+
+    async def main():
+        eng = Recording()
+        eng.seen_at_step = []
+        loop = EngineLoop(eng)
+        loop.start()
+        try:
+            await asyncio.sleep(0.05)  # idle
+            subs = []
+            for i in range(8):
+                subs.append(loop.subscribe(_req(i, 3)))
+                await asyncio.sleep(0.001)
+            for s in subs:
+                await _drain(s)
+            assert eng.seen_at_step[0] == 8, eng.seen_at_step
+            t0 = asyncio.get_running_loop().time()
+            lone = loop.subscribe(_req(99, 1))
+            await _drain(lone)
+            assert asyncio.get_running_loop().time() - t0 < 0.2
+        finally:
+            loop.stop()
+
+    asyncio.run(main())

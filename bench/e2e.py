@@ -119,7 +119,16 @@ def runtime_config_for(argv: list[str]):
     shape = exec_cli.serving_shape_from_args(a, a.parser)
     names = {f.name for f in dataclasses.fields(ServeConfig)}
     kw = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape) if f.name in names}
-    return ServeConfig(manifest_uri=a.model, device=a.device, compile=a.compile, **kw).runtime_config()
+    return ServeConfig(manifest_uri=a.model, device=a.device, **kw).runtime_config(), a
+
+
+def with_graphs(rc, a, art):
+    """The engine side runs the graphs the server runs (``--graphs``, ``--graphs-store``): the same
+    graph set, chosen by the same policy."""
+    from exec_service.graph_sets.policy import choose
+
+    choice = choose(a.graphs, art, rc, a.graphs_store)
+    return dataclasses.replace(rc, graphs=choice.graphs), choice
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -207,12 +216,14 @@ def free_port() -> int:
 class ServerProcess:
     """``neuron-serve exec-server …`` as a subprocess; its output goes to a log file."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         exe = Path(sys.executable).with_name("neuron-serve")
         self.cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "shared.cli"]) + argv
         fd, self.log_path = tempfile.mkstemp(prefix="bench-e2e-server-", suffix=".log")
         self._log = os.fdopen(fd, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env or os.environ.copy()
+        )
 
     def log_tail(self, n: int = 30) -> str:
         self._log.flush()
@@ -372,17 +383,17 @@ def main() -> None:
 
     uri = smollm2_manifest("float32")
     argv = server_argv(uri, free_port(), args, seq)
-    rc = runtime_config_for(argv)  # a bad shape exits 2 here, naming the flag, before anything starts
+    rc, served_args = runtime_config_for(argv)  # a bad shape exits 2 here, naming the flag, first
     server = ServerProcess(argv)
     print(f"server: {shlex.join(server.cmd)}  (log: {server.log_path})", flush=True)
     try:
-        runs, served_info = _measure(args, loads, uri, argv, rc, server)
+        runs, served_info, rc = _measure(args, loads, uri, argv, rc, served_args, server)
     finally:
         server.stop()  # before record(): its "busy" list should not show our own server
     _report(args, loads, runs, served_info, rc, shlex.join(server.cmd), load_start)
 
 
-def _measure(args, loads, uri, argv, rc, server: ServerProcess):
+def _measure(args, loads, uri, argv, rc, served_args, server: ServerProcess):
     """Every side at every load, warmed up, then ``--reps`` alternating timed runs each."""
     import grpc
 
@@ -395,7 +406,10 @@ def _measure(args, loads, uri, argv, rc, server: ServerProcess):
     # load the in-process sides while the server loads (untimed)
     hf = hf_model("float32")
     art = open_artifact(uri)
+    rc, graphs = with_graphs(rc, served_args, art)
+    print(f"graphs: {graphs.origin} ({graphs.count} compiled, key {graphs.key})", flush=True)
     engine = Engine(art, rc, eos_token_ids=art.eos_token_ids)  # as the server builds its engine
+    engine.warm_up_compiled()
     aio = asyncio.new_event_loop()
     port = int(argv[argv.index("--port") + 1])
     channel = None
@@ -409,6 +423,11 @@ def _measure(args, loads, uri, argv, rc, server: ServerProcess):
 
         channel, stub, info = aio.run_until_complete(connect())
         model_info = served_shape(info)
+        model_info["graphs"] = {
+            "key": info.graphs.key,
+            "origin": info.graphs.origin,
+            "count": info.graphs.count,
+        }
         diffs = shape_diffs(model_info, rc)
         for d in diffs:
             print(f"WARNING: server and engine shapes differ: {d}", flush=True)
@@ -445,7 +464,13 @@ def _measure(args, loads, uri, argv, rc, server: ServerProcess):
             aio.run_until_complete(channel.close())
         aio.close()
         engine.close()
-    return runs, model_info
+    return runs, model_info, rc
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    return sorted(d) if isinstance(d, (set, frozenset)) else d
 
 
 def _report(args, loads, runs, model_info: dict, rc, server_cmd: str, load_start) -> None:
@@ -501,7 +526,7 @@ def _report(args, loads, runs, model_info: dict, rc, server_cmd: str, load_start
             "server_cmd": server_cmd,
             "server_shape": model_info,
             "shape_diffs": diffs,
-            "runtime_config": dataclasses.asdict(rc),
+            "runtime_config": _jsonable(dataclasses.asdict(rc)),
             "load_start": load_start,
             "load_end": load_end,
         },

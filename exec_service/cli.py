@@ -64,7 +64,7 @@ def add_serving_shape_arguments(p: argparse.ArgumentParser) -> None:
 
 def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The validated shape, or exit 2 (``parser.error``) naming the flag and the rule."""
-    from exec_service.shapes import ServingShape, ShapeError
+    from shared.shapes import ServingShape, ShapeError
 
     try:
         return ServingShape(
@@ -88,7 +88,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--device", choices=("cpu", "cuda", "neuron"), default="cpu")
     add_serving_shape_arguments(s)
-    s.add_argument("--compile", action="store_true", help="torch.compile each static-shape graph")
+    s.add_argument(
+        "--graphs",
+        choices=("auto", "required", "compile", "off"),
+        default="auto",
+        help="compiled step graphs: auto (default) = load this model's graph set from the store if it has "
+        "one, else run eager; required = refuse to start without it (production); compile = build and "
+        "publish it on a miss (neuron-serve compile), then load it; off = eager",
+    )
+    s.add_argument(
+        "--graphs-store",
+        default=None,
+        metavar="STORE_URI",
+        help="store holding graph sets (default: the manifest's store)",
+    )
     s.add_argument("--metrics-port", type=int, default=0, metavar="M", help="Prometheus port (0 = off)")
     s.add_argument("--grace-period", type=float, default=30.0, metavar="S", help="drain timeout on SIGTERM")
     s.add_argument("--max-waiting-requests", type=int, default=256, metavar="N")
@@ -131,6 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--server-name", default=None, help="TLS server name override")
     g.set_defaults(func=cmd_generate)
 
+    from exec_service.graph_sets.cli import register as register_compile
+
+    register_compile(sub)
+
 
 def cmd_exec_server(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
@@ -167,7 +184,8 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
         context_buckets=shape.context_buckets,
         kv_buckets=shape.kv_buckets,
         batch_buckets=shape.batch_buckets,
-        compile=args.compile,
+        graphs=args.graphs,
+        graphs_store=args.graphs_store,
         metrics_port=args.metrics_port,
         grace_s=args.grace_period,
         max_waiting_requests=args.max_waiting_requests,

@@ -38,6 +38,18 @@ class ExecMetrics:
             "neuron_serve_requests_rejected", "Rejected requests by code", ["code"], registry=r
         )
         self.steps = Counter("neuron_serve_engine_steps", "Engine steps", registry=r)
+        self.graphs = Gauge(
+            "neuron_serve_graphs",
+            "Step graphs running compiled, by graph set key and origin (loaded | compiled | eager)",
+            ["key", "origin"],
+            registry=r,
+        )
+        self.graph_compiles_at_start = Gauge(
+            "neuron_serve_graph_compiles_at_start",
+            "Graphs the backend compiler built at start (Inductor FX graph cache misses): 0 with a "
+            "complete graph set",
+            registry=r,
+        )
 
     def reject(self, code) -> None:
         """The error map's hook: every refused or failed RPC, by status code."""

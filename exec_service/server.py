@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -29,13 +30,16 @@ from typing import Any, TypeVar
 from exec_service.artifact import Artifact, open_artifact
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
 from exec_service.engine_loop import Counts, EngineLoop
+from exec_service.graph_sets.policy import EAGER_GRAPHS, GraphChoice, choose
+from exec_service.graph_sets.policy import MODES as GRAPH_MODES
 from exec_service.metrics import ExecMetrics
 from exec_service.requests import MAX_MESSAGE_BYTES, GenerationDefaults, Limits
+from exec_service.runtime.compiled import compile_counters
 from exec_service.servicer import ERRORS, ExecServicer, Serving
-from exec_service.shapes import ServingShape
 from protos import exec_pb2
 from shared import grpc_util
 from shared.serving import ServerLifecycle, run_until_signalled
+from shared.shapes import ServingShape
 from shared.storage import StoreError
 
 log = logging.getLogger("neuron_serve.exec")
@@ -57,10 +61,11 @@ class ServeConfig:
     device: str = "cpu"
     max_batch_size: int = 8
     max_seq_len: int = 2048
-    context_buckets: tuple[int, ...] = ()  # () = derived from max_seq_len (exec_service.shapes)
+    context_buckets: tuple[int, ...] = ()  # () = derived from max_seq_len (shared.shapes)
     kv_buckets: tuple[int, ...] = ()
     batch_buckets: tuple[int, ...] = ()  # () = powers of two up to max_batch_size
-    compile: bool = False
+    graphs: str = "auto"  # exec_service.graph_sets.policy.MODES
+    graphs_store: str | None = None  # where graph sets live (default: the manifest's store)
     metrics_port: int = 0
     grace_s: float = 30.0
     max_waiting_requests: int = 256
@@ -71,6 +76,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.serving_shape()  # an impossible shape is refused here, before anything binds a port
+        if self.graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {self.graphs!r}")
 
     def serving_shape(self) -> ServingShape:
         return ServingShape(
@@ -86,7 +93,6 @@ class ServeConfig:
             kv_buckets=shape.kv_buckets,
             batch_buckets=shape.batch_buckets,
             backend=self.device,
-            compile=self.compile,
         )
 
 
@@ -137,7 +143,7 @@ class ExecServer:
         port = await self.lifecycle.start(ready=False)
         log.info("exec server listening on %s; loading %s", self.lifecycle.address, self.cfg.manifest_uri)
         try:
-            artifact, engine, tokenizer = await in_own_thread(self._load_with_retries, "exec-load")
+            artifact, engine, tokenizer, graphs = await in_own_thread(self._load_with_retries, "exec-load")
         except LoadFailed as e:
             self.load_error = str(e)
             log.error("%s", e)
@@ -157,14 +163,17 @@ class ExecServer:
             max_waiting_prompt_tokens=self.cfg.max_waiting_prompt_tokens,
         )
         defaults = GenerationDefaults.from_generation_config(artifact.generation_config)
-        self.servicer.serve(Serving(artifact, self.loop, tokenizer, limits, defaults, self.cfg.device))
+        self.metrics.graphs.labels(graphs.key, graphs.origin).set(graphs.count)
+        self.servicer.serve(
+            Serving(artifact, self.loop, tokenizer, limits, defaults, self.cfg.device, graphs)
+        )
         self._liveness_task = asyncio.create_task(self._watch_liveness())
         await self.lifecycle.set_ready(True)
         man = artifact.manifest
         log.info("exec server ready: %s (%s, tp=%d)", man.name, self.cfg.device, man.target.tp_degree)
         return port
 
-    def _load_with_retries(self) -> tuple[Artifact, Engine, object]:
+    def _load_with_retries(self) -> tuple[Artifact, Engine, object, GraphChoice]:
         """Store errors are retried with backoff; anything else is permanent (LoadFailed)."""
         uri, attempts = self.cfg.manifest_uri, max(1, self.cfg.load_attempts)
         delay = self.cfg.load_retry_s
@@ -183,18 +192,39 @@ class ExecServer:
                 raise LoadFailed(f"cannot serve {uri}: {type(e).__name__}: {e}") from e
         raise AssertionError("unreachable")
 
-    def _load(self) -> tuple[Artifact, Engine, object]:
+    def _load(self) -> tuple[Artifact, Engine, object, GraphChoice]:
         artifact = self._artifact or open_artifact(self.cfg.manifest_uri)
         engine = self._engine
         if engine is None:
-            engine = Engine(artifact, self.cfg.runtime_config(), eos_token_ids=artifact.eos_token_ids)
+            config = self.cfg.runtime_config()
+            graphs = choose(self.cfg.graphs, artifact, config, self.cfg.graphs_store)
+            config = dataclasses.replace(config, graphs=graphs.graphs)
+            engine = Engine(artifact, config, eos_token_ids=artifact.eos_token_ids)
+        else:  # built by the caller (bench): whatever it runs
+            graphs = EAGER_GRAPHS
         try:
+            t = time.monotonic()
+            before = compile_counters()
+            n = engine.warm_up_compiled()
+            misses = compile_counters()["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]
+            self.metrics.graph_compiles_at_start.set(misses)
+            if n:
+                log.info(
+                    "%d compiled graphs ready in %.1f s (%d built by the compiler here)",
+                    n,
+                    time.monotonic() - t,
+                    misses,
+                )
+            if misses and graphs.origin != "eager":
+                log.warning(
+                    "graph set %s did not hold %d of its graphs: the compiler built them", graphs.key, misses
+                )
             _warm_up(engine)
             tokenizer = artifact.load_tokenizer()
         except BaseException:
             engine.close()
             raise
-        return artifact, engine, tokenizer
+        return artifact, engine, tokenizer, graphs
 
     def _on_step(self, counts: Counts) -> None:
         m = self.metrics

@@ -21,6 +21,7 @@ import grpc
 
 from exec_service.artifact import Artifact
 from exec_service.engine_loop import EngineFailed, EngineLoop, EngineRejected
+from exec_service.graph_sets.policy import EAGER_GRAPHS, GraphChoice
 from exec_service.metrics import ExecMetrics
 from exec_service.requests import GenerationDefaults, Limits, to_engine_request, tokenize_request
 from exec_service.streaming import GenerationStream
@@ -48,6 +49,7 @@ class Serving:
     limits: Limits
     defaults: GenerationDefaults
     device: str
+    graphs: GraphChoice = EAGER_GRAPHS
 
 
 class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
@@ -175,6 +177,7 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
             free_slots=counts.free_slots,
             quantization=man.target.quantization or "none",
             manifest_uri=s.artifact.uri,
+            graphs=exec_pb2.GraphSetInfo(key=s.graphs.key, origin=s.graphs.origin, count=s.graphs.count),
         )
 
     async def wait_idle(self, timeout: float) -> None:

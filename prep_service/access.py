@@ -44,6 +44,16 @@ class AccessPolicy:
     outputs: tuple[str, ...]
     source_roots: tuple[str, ...] | None = None
 
+    def check_compile(self, output: str | None, manifest_uri: str) -> None:
+        """A compile publishes to ``output``, or beside the manifest when there is none: either must
+        lie in a store this server may write to (PermissionError -> PERMISSION_DENIED)."""
+        target = output or manifest_uri
+        if not target.startswith(("s3://", "file://", "/")):
+            raise PrepError(f"manifest_uri: expected a file:// or s3:// URI, got {manifest_uri!r}")
+        if not any(_within(normalize_store_uri(target), normalize_store_uri(a)) for a in self.outputs):
+            what = "output" if output else "manifest_uri (graph sets are published to its store)"
+            raise PermissionError(f"{what} {target!r} is outside the stores this server may write to")
+
     def check(self, req: PrepareRequest) -> None:
         """Raises PermissionError (-> PERMISSION_DENIED) or PrepError (-> INVALID_ARGUMENT)."""
         out = normalize_store_uri(req.output) if req.output else None

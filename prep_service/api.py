@@ -65,6 +65,8 @@ class Progress:
     bytes_total: int = 0
     tensors_done: int = 0
     tensors_total: int = 0
+    graphs_done: int = 0  # CompileGraphs
+    graphs_total: int = 0
 
 
 @dataclass(frozen=True)

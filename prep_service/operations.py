@@ -17,6 +17,7 @@ import time
 import uuid
 
 from prep_service.api import PrepareRequest, PrepError, Progress
+from prep_service.compile_job import CompileRequest
 from protos import prep_pb2
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,21 @@ def dedup_key(req: PrepareRequest) -> tuple:
     return dataclasses.astuple(dataclasses.replace(req, force=False))
 
 
-class OperationRecord:
-    """One operation's state; fields change only under ``lock``."""
+PREPARE, COMPILE = "prepare", "compile"  # Operation.kind
 
-    def __init__(self, req: PrepareRequest, request_pb: prep_pb2.PrepareModelRequest) -> None:
+
+class OperationRecord:
+    """One operation's state (a PrepareModel or a CompileGraphs); fields change only under ``lock``."""
+
+    def __init__(
+        self,
+        req: PrepareRequest | CompileRequest,
+        request_pb: prep_pb2.PrepareModelRequest | prep_pb2.CompileGraphsRequest,
+    ) -> None:
         self.id = uuid.uuid4().hex
         self.req = req
-        self.key = dedup_key(req)
+        self.kind = COMPILE if isinstance(req, CompileRequest) else PREPARE
+        self.key = req.dedup_key() if isinstance(req, CompileRequest) else dedup_key(req)
         self.request_pb = request_pb
         self.lock = threading.Lock()
         self.cancel = threading.Event()
@@ -75,6 +84,8 @@ class OperationRecord:
         self.error = ""
         self.artifact_key = ""
         self.reused = False
+        self.graph_set_uri = ""
+        self.graph_key = ""
         self.created = time.time()
         self.updated = self.created
         self.started_mono: float | None = None
@@ -91,15 +102,32 @@ class OperationRecord:
     @classmethod
     def restore(cls, msg: prep_pb2.Operation) -> OperationRecord:
         """An operation from the journal of an earlier server process."""
-        try:
-            req = request_from_proto(msg.request, None)
-        except PrepError:
-            req = PrepareRequest(source="(unreadable request)")
-        op = cls(req, msg.request)
+        req: PrepareRequest | CompileRequest
+        if msg.kind == COMPILE:
+            try:
+                req = CompileRequest.from_proto(msg.compile_request)
+            except PrepError:
+                req = CompileRequest(manifest_uri="(unreadable request)")
+            op = cls(req, msg.compile_request)
+        else:
+            try:
+                req = request_from_proto(msg.request, None)
+            except PrepError:
+                req = PrepareRequest(source="(unreadable request)")
+            op = cls(req, msg.request)
         op.id = msg.operation_id
         op.state = msg.state
         p = msg.progress
-        op.progress = Progress(p.stage, p.bytes_done, p.bytes_total, p.tensors_done, p.tensors_total)
+        op.progress = Progress(
+            p.stage,
+            p.bytes_done,
+            p.bytes_total,
+            p.tensors_done,
+            p.tensors_total,
+            p.graphs_done,
+            p.graphs_total,
+        )
+        op.graph_set_uri, op.graph_key = msg.graph_set_uri, msg.graph_key
         op.manifest_uri, op.error, op.artifact_key, op.reused = (
             msg.manifest_uri,
             msg.error,
@@ -112,6 +140,9 @@ class OperationRecord:
     def to_proto(self) -> prep_pb2.Operation:
         with self.lock:
             p = self.progress
+            requests = (
+                {"compile_request": self.request_pb} if self.kind == COMPILE else {"request": self.request_pb}
+            )
             return prep_pb2.Operation(
                 operation_id=self.id,
                 state=self.state,
@@ -121,14 +152,19 @@ class OperationRecord:
                     bytes_total=max(p.bytes_total, 0),
                     tensors_done=max(p.tensors_done, 0),
                     tensors_total=max(p.tensors_total, 0),
+                    graphs_done=max(p.graphs_done, 0),
+                    graphs_total=max(p.graphs_total, 0),
                 ),
                 manifest_uri=self.manifest_uri,
                 error=self.error,
                 artifact_key=self.artifact_key,
                 reused=self.reused,
-                request=self.request_pb,
                 created_unix=self.created,
                 updated_unix=self.updated,
+                kind=self.kind,
+                graph_set_uri=self.graph_set_uri,
+                graph_key=self.graph_key,
+                **requests,
             )
 
 

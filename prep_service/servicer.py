@@ -4,6 +4,10 @@
 (:func:`prep_service.convert.prepare`) on a bounded worker pool; queued operations stay PENDING.
 An identical request (same normalized fields, ``force`` unset) while one is PENDING/RUNNING returns
 that operation; after it finished, ``prepare`` itself reuses the published artifact by its key.
+``CompileGraphs`` is an operation of the same kind (``kind = "compile"``): it runs the public
+``neuron-serve compile`` as a child process (``prep_service.compile_job``: the prep service knows
+nothing of how graphs are compiled), reports per-graph progress, and an existing graph set of the
+request's key is answered at once (``reused``).
 
 Errors: a method raises and :data:`ERRORS` (applied to every RPC by ``shared.grpc_util.add_service``)
 turns the exception into a status — PrepError INVALID_ARGUMENT, PermissionError PERMISSION_DENIED,
@@ -26,8 +30,10 @@ import grpc
 
 from prep_service.access import AccessPolicy
 from prep_service.api import PrepareRequest, PrepareResult, PrepCancelled, PrepError, Progress
+from prep_service.compile_job import CompileRequest, CompileResult, run_compile
 from prep_service.operations import (
     CANCELLED,
+    COMPILE,
     FAILED,
     PENDING,
     RUNNING,
@@ -72,6 +78,16 @@ class PrepareFn(Protocol):
         progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> PrepareResult: ...
+
+
+class CompileFn(Protocol):
+    def __call__(
+        self,
+        req: CompileRequest,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> CompileResult: ...
 
 
 def _default_prepare() -> PrepareFn:
@@ -143,6 +159,7 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         store_uri: str | None = None,
         max_workers: int = 1,
         prepare: PrepareFn | None = None,
+        compile: CompileFn | None = None,
         max_finished_ops: int = 1000,
         metrics_registry=None,
         access: AccessPolicy | None = None,
@@ -158,6 +175,7 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         self._access = access
         self._journal = journal
         self._prepare = prepare if prepare is not None else _default_prepare()
+        self._compile = compile if compile is not None else run_compile
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="prep-worker"
         )
@@ -200,26 +218,39 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
             raise unavailable("prep server is draining")
         req = request_from_proto(request, self._store_uri)  # PrepError: INVALID_ARGUMENT
         self._access.check(req)  # PermissionError: PERMISSION_DENIED
+        return await self._submit(
+            req,
+            request,
+            f"{req.source} tp={req.tp_degree} dtype={req.dtype} output={req.output or '(default store)'}",
+        )
 
+    async def CompileGraphs(self, request: prep_pb2.CompileGraphsRequest, context) -> prep_pb2.Operation:
+        """``neuron-serve compile`` as an operation: the graph set of a manifest and serving shape,
+        published to ``output`` (default: the manifest's store); an existing one is reused."""
+        self.bind_loop()
+        if self._draining:
+            raise unavailable("prep server is draining")
+        req = CompileRequest.from_proto(request)  # PrepError: INVALID_ARGUMENT, naming the field
+        self._access.check_compile(req.output, req.manifest_uri)
+        return await self._submit(req, request, f"compile {req.manifest_uri} device={req.device} {req.shape}")
+
+    async def _submit(
+        self,
+        req: PrepareRequest | CompileRequest,
+        request_pb: prep_pb2.PrepareModelRequest | prep_pb2.CompileGraphsRequest,
+        what: str,
+    ) -> prep_pb2.Operation:
         if not req.force:
-            existing = self._find_active(dedup_key(req))
+            key = req.dedup_key() if isinstance(req, CompileRequest) else dedup_key(req)
+            existing = self._find_active(key)
             if existing is not None:
                 log.info("operation %s: identical request joined the active operation", existing.id)
                 return existing.to_proto()
-
-        op = OperationRecord(req, request)
+        op = OperationRecord(req, request_pb)
         with self._ops_lock:
             self._ops[op.id] = op
             self._forget_old_ops()
-        log.info(
-            "operation %s: queued %s tp=%d dtype=%s output=%s%s",
-            op.id,
-            req.source,
-            req.tp_degree,
-            req.dtype,
-            req.output or "(default store)",
-            " force" if req.force else "",
-        )
+        log.info("operation %s: queued %s%s", op.id, what, " force" if req.force else "")
         snapshot = op.to_proto()  # before the worker can touch it: the answer says PENDING
         if self._journal is not None:
             await asyncio.to_thread(self._journal.save, op)
@@ -292,7 +323,12 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         self._notify(op)
 
         try:
-            result = self._prepare(op.req, progress=lambda p: self._on_progress(op, p), cancel=op.cancel)
+            on_progress = lambda p: self._on_progress(op, p)  # noqa: E731
+            result: PrepareResult | CompileResult
+            if op.kind == COMPILE:
+                result = self._compile(op.req, progress=on_progress, cancel=op.cancel)
+            else:
+                result = self._prepare(op.req, progress=on_progress, cancel=op.cancel)
         except PrepCancelled:
             self._finish(op, CANCELLED, stage="cancelled")
             log.info("operation %s: cancelled", op.id)
@@ -303,20 +339,25 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
             self._finish(op, FAILED, stage="failed", error=f"internal error: {type(e).__name__}: {e}")
             log.exception("operation %s: unexpected error", op.id)
         else:
-            self._finish(
-                op,
-                SUCCEEDED,
-                stage="done",
-                manifest_uri=result.manifest_uri,
-                artifact_key=result.artifact_key,
-                reused=result.reused,
-            )
-            log.info(
-                "operation %s: succeeded%s: %s",
-                op.id,
-                " (reused)" if result.reused else "",
-                result.manifest_uri,
-            )
+            if isinstance(result, CompileResult):
+                uri, fields = (
+                    result.graph_set_uri,
+                    {
+                        "manifest_uri": op.req.manifest_uri,
+                        "graph_set_uri": result.graph_set_uri,
+                        "graph_key": result.graph_key,
+                    },
+                )
+            else:
+                uri, fields = (
+                    result.manifest_uri,
+                    {
+                        "manifest_uri": result.manifest_uri,
+                        "artifact_key": result.artifact_key,
+                    },
+                )
+            self._finish(op, SUCCEEDED, stage="done", reused=result.reused, **fields)
+            log.info("operation %s: succeeded%s: %s", op.id, " (reused)" if result.reused else "", uri)
 
     def _on_progress(self, op: OperationRecord, p: Progress) -> None:
         """Worker thread: the pipeline's progress callback."""
@@ -352,6 +393,8 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         manifest_uri: str = "",
         artifact_key: str = "",
         reused: bool = False,
+        graph_set_uri: str = "",
+        graph_key: str = "",
     ) -> None:
         op.state = state
         op.progress = dataclasses.replace(op.progress, stage=stage)
@@ -361,6 +404,7 @@ class PrepServicer(prep_pb2_grpc.PrepServiceServicer):
         op.manifest_uri = manifest_uri
         op.artifact_key = artifact_key
         op.reused = reused
+        op.graph_set_uri, op.graph_key = graph_set_uri, graph_key
         op.updated = time.time()
         name = STATE_NAMES[state]
         self.metrics.finished.labels(name).inc()

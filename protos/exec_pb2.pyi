@@ -217,7 +217,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_waiting_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "revision", "family", "dtype", "tp_degree", "device", "max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "eos_token_ids", "vocab_size", "manifest_digest", "limits", "running_requests", "waiting_requests", "free_slots", "quantization", "manifest_uri", "batch_buckets")
+    __slots__ = ("model", "revision", "family", "dtype", "tp_degree", "device", "max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "eos_token_ids", "vocab_size", "manifest_digest", "limits", "running_requests", "waiting_requests", "free_slots", "quantization", "manifest_uri", "batch_buckets", "graphs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class ModelInfo(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_URI_FIELD_NUMBER: _ClassVar[int]
     BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    GRAPHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     family: str
@@ -258,4 +259,15 @@ class ModelInfo(_message.Message):
     quantization: str
     manifest_uri: str
     batch_buckets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., dtype: _Optional[str] = ..., tp_degree: _Optional[int] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., context_buckets: _Optional[_Iterable[int]] = ..., kv_buckets: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., quantization: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+    graphs: GraphSetInfo
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., dtype: _Optional[str] = ..., tp_degree: _Optional[int] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., context_buckets: _Optional[_Iterable[int]] = ..., kv_buckets: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., quantization: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., graphs: _Optional[_Union[GraphSetInfo, _Mapping]] = ...) -> None: ...
+
+class GraphSetInfo(_message.Message):
+    __slots__ = ("key", "origin", "count")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    origin: str
+    count: int
+    def __init__(self, key: _Optional[str] = ..., origin: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,11 @@ class PrepServiceStub:
                 request_serializer=protos_dot_prep__pb2.PrepareModelRequest.SerializeToString,
                 response_deserializer=protos_dot_prep__pb2.Operation.FromString,
                 _registered_method=True)
+        self.CompileGraphs = channel.unary_unary(
+                '/neuronserve.prep.v1.PrepService/CompileGraphs',
+                request_serializer=protos_dot_prep__pb2.CompileGraphsRequest.SerializeToString,
+                response_deserializer=protos_dot_prep__pb2.Operation.FromString,
+                _registered_method=True)
         self.GetOperation = channel.unary_unary(
                 '/neuronserve.prep.v1.PrepService/GetOperation',
                 request_serializer=protos_dot_prep__pb2.GetOperationRequest.SerializeToString,
@@ -66,6 +71,14 @@ class PrepServiceServicer:
 
     def PrepareModel(self, request, context):
         """Starts (or reuses, by artifact key) a preparation; returns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompileGraphs(self, request, context):
+        """Compile every step graph of one serving shape for a prepared model and publish the graph set
+        ({store}/graphs/{graph_key}/graphs.json); the same operation semantics as PrepareModel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +115,11 @@ def add_PrepServiceServicer_to_server(servicer, server):
             'PrepareModel': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareModel,
                     request_deserializer=protos_dot_prep__pb2.PrepareModelRequest.FromString,
+                    response_serializer=protos_dot_prep__pb2.Operation.SerializeToString,
+            ),
+            'CompileGraphs': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompileGraphs,
+                    request_deserializer=protos_dot_prep__pb2.CompileGraphsRequest.FromString,
                     response_serializer=protos_dot_prep__pb2.Operation.SerializeToString,
             ),
             'GetOperation': grpc.unary_unary_rpc_method_handler(
@@ -151,6 +169,33 @@ class PrepService:
             target,
             '/neuronserve.prep.v1.PrepService/PrepareModel',
             protos_dot_prep__pb2.PrepareModelRequest.SerializeToString,
+            protos_dot_prep__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompileGraphs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuronserve.prep.v1.PrepService/CompileGraphs',
+            protos_dot_prep__pb2.CompileGraphsRequest.SerializeToString,
             protos_dot_prep__pb2.Operation.FromString,
             options,
             channel_credentials,

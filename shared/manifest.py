@@ -31,6 +31,13 @@ class ManifestError(ValueError):
     """A manifest that cannot be used: malformed, or of an unsupported schema_version."""
 
 
+def store_root_uri(manifest_uri: str, manifest: Manifest) -> str | None:
+    """The root of the store a published manifest lives in (``{store}/models/{name}/{key}/manifest.json``),
+    or None when ``manifest_uri`` is not laid out so (a manifest copied elsewhere)."""
+    suffix = f"/models/{manifest.name}/{manifest.artifact_key}/{MANIFEST_NAME}"
+    return manifest_uri[: -len(suffix)] if manifest_uri.endswith(suffix) else None
+
+
 def shard_path(rank: int, tp: int) -> str:
     return f"shards/rank-{rank:05d}-of-{tp:05d}.safetensors"
 

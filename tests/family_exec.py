@@ -155,4 +155,4 @@ def run_engine(
     if len(prompts) > 1 and n > len(prompts):
         changes = sum(a != b for a, b in itertools.pairwise(buckets))
         assert changes >= 2, f"the decode batch bucket should grow and shrink mid-stream: {buckets}"
-    return [tokens[i] for i in ids], [first[i] for i in ids]
+    return [tokens[i] for i in ids], [first.get(i) for i in ids]  # logits: with return_logits

@@ -16,6 +16,8 @@ import importlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +248,8 @@ def test_every_ci_values_file_is_a_tested_profile():
         # wrong types
         ({"exec": {"tp": "2"}}, "/exec/tp"),
         ({"exec": {"replicas": "1"}}, "/exec/replicas"),
-        ({"exec": {"compile": "yes"}}, "/exec/compile"),
+        ({"exec": {"graphs": "always"}}, "/exec/graphs"),
+        ({"prepareJob": {"compileGraphs": "yes"}}, "/prepareJob/compileGraphs"),
         ({"exec": {"contextBuckets": ["128"]}}, "/exec/contextBuckets"),
         ({"exec": {"maxBatchSize": 1.5}}, "/exec/maxBatchSize"),
         ({"prep": {"maxWorkers": True}}, "/prep/maxWorkers"),
@@ -657,7 +660,7 @@ def test_exec_args_come_from_the_serving_configmap():
     assert arg_value(args, "--max-batch-size") == str(v["maxBatchSize"])
     assert arg_value(args, "--max-seq-len") == str(v["maxSeqLen"])
     assert arg_value(args, "--context-buckets") == ",".join(str(b) for b in v["contextBuckets"])
-    assert "--compile" in args
+    assert arg_value(args, "--graphs") == "required"  # the production profile never compiles in a pod
     assert cm["NEURON_SERVE_TP"] == "2"
     assert cm["NEURON_SERVE_STORE"] == "s3://example-neuron-serve-artifacts/prod"
     assert cm["AWS_REGION"] == "us-west-2"
@@ -687,7 +690,7 @@ def test_rendered_commands_parse_with_the_real_cli(profile):
     assert ns.device == {"neuron": "neuron", "gpu": "cuda", "cpu": "cpu"}[e["profile"]]
     assert (ns.max_batch_size, ns.max_seq_len) == (e["maxBatchSize"], e["maxSeqLen"])
     assert ns.context_buckets == tuple(sorted(e["contextBuckets"]))
-    assert ns.compile is e["compile"]
+    assert ns.graphs == e["graphs"]
     assert ns.grace_period == e["drainTimeoutSeconds"]
     assert ns.max_waiting_requests == e["maxWaitingRequests"]
     assert ns.log_level == "INFO"
@@ -970,3 +973,40 @@ def test_dockerignore_keeps_the_context_small():
     entries = (ROOT / ".dockerignore").read_text().split()
     for e in (".git", ".venv", "tests", "bench"):
         assert any(x.strip("/*") == e for x in entries), e
+
+
+def test_prepare_job_compiles_the_exec_graph_set_when_asked(tmp_path):
+    """compileGraphs: the launcher runs `neuron-serve prepare`, then `neuron-serve compile` of the
+    manifest URI it printed, with the exec Deployment's device and serving shape (run here with a
+    stand-in `neuron-serve` that records its argv); the argv parses with the real CLI."""
+    values = {
+        "prepareJob": {"enabled": True, "compileGraphs": True, "models": [{"source": "org/a"}]},
+        "exec": {"maxBatchSize": 4, "maxSeqLen": 1024, "contextBuckets": [128, 512], "batchBuckets": [1, 4]},
+    }
+    (job,) = find(render(values), "Job")
+    c = container(job)
+    env = {e["name"]: e.get("value") for e in c["env"] if "value" in e}
+    compile_argv = json.loads(env["NEURON_SERVE_COMPILE_ARGV"])
+    assert arg_value(compile_argv, "--max-batch-size") == "4"
+    assert arg_value(compile_argv, "--context-buckets") == "128,512"
+    assert arg_value(compile_argv, "--batch-buckets") == "1,4"
+    from shared.cli import build_parser
+
+    ns = build_parser().parse_args(["compile", "file:///s/models/a/k/manifest.json", *compile_argv])
+    assert (ns.command, ns.max_seq_len, ns.context_buckets) == ("compile", 1024, (128, 512))
+
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "bin" / "neuron-serve"
+    fake.parent.mkdir()
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "if sys.argv[1] == 'prepare':\n    print('converting...')\n    print('file:///s/models/a/k/manifest.json')\n"
+    )
+    fake.chmod(0o755)
+    run_env = {**os.environ, **env, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    assert c["command"][:2] == ["python", "-c"]
+    subprocess.run([sys.executable, "-c", c["command"][2]], env=run_env, check=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0][:2] == ["prepare", "org/a"]
+    assert calls[1] == ["compile", "file:///s/models/a/k/manifest.json", *compile_argv]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,44 @@ def test_int8pack_engine_close_to_exact(cases) -> None:
             _, packed = run_engine(engine, PROMPTS, 1)
     for a, b in zip(packed, exact, strict=True):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
+
+
+# compiled graphs over int8 weights (what a graph set of an int8 artifact holds): 3 graphs
+COMPILED_INT8 = RuntimeConfig(
+    max_batch_size=2,
+    max_seq_len=128,
+    context_buckets=(64,),
+    kv_buckets=(128,),
+    compile=True,
+    int8_kernel="dequant",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_int8_compiled_graphs_match_transformers_on_int8_weights(cases, tp: int) -> None:
+    case = cases["llama"]
+    want_tokens, _ = case.int8_reference(False)
+    with torch.no_grad(), Engine(open_artifact(case.int8_manifest(tp)), COMPILED_INT8) as engine:
+        tokens, _ = run_engine(engine, PROMPTS)
+    assert tokens == want_tokens
+
+
+@pytest.mark.slow
+def test_int8pack_compiled_close_to_eager(cases) -> None:
+    """The int8pack kernel inside compiled graphs: the eager int8pack engine's logits (bf16
+    activations either way) and its tokens."""
+    src = open_artifact(cases["llama"].int8_manifest(1))
+    cfg = RuntimeConfig(**{**COMPILED_INT8.__dict__, "int8_kernel": "int8pack", "return_logits": True})
+    with torch.no_grad():
+        with Engine(src, dataclasses.replace(cfg, compile=False)) as engine:
+            eager_tokens, eager = run_engine(engine, PROMPTS)
+        with Engine(src, cfg) as engine:
+            tokens, compiled = run_engine(engine, PROMPTS)
+    for a, b in zip(compiled, eager, strict=True):
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999
+    same = sum(x == y for t, e in zip(tokens, eager_tokens, strict=True) for x, y in zip(t, e, strict=True))
+    assert same >= 0.9 * sum(map(len, eager_tokens)), (tokens, eager_tokens)
 
 
 def test_unknown_quantization_scheme_is_refused(cases, tmp_path: Path) -> None:

@@ -35,11 +35,19 @@ from exec_service.engine.types import (
 from exec_service.model.loading import ShardSource
 from exec_service.model.rope import check_serving_shape
 from exec_service.runtime.executor import LocalExecutor, TPExecutor
-from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, context_bucket, kv_bucket, make_mask
+from exec_service.runtime.graphs import (
+    CONTEXT,
+    DECODE,
+    GraphSpec,
+    context_bucket,
+    example_step,
+    kv_bucket,
+    make_mask,
+)
 from exec_service.runtime.runner import RuntimeConfig
 from exec_service.runtime.sampling import NEUTRAL_PARAMS, NUM_PARAMS
 from exec_service.runtime.step_io import StepInputs, StepOutputs
-from exec_service.shapes import bucket_for
+from shared.shapes import bucket_for
 
 
 @dataclass
@@ -210,6 +218,17 @@ class Engine:
                     if out.finish_reason is not None:
                         reasons[out.request_id] = out.finish_reason
         return {i: (tokens[i], reasons[i]) for i in ids}
+
+    def warm_up_compiled(self) -> int:
+        """Run each graph that runs compiled once, on its example inputs, so that its compile (or
+        its load from a graph set's caches) happens now, not in a request; returns how many. Every
+        rank runs them (the executor's collectives); the cache rows and counts they write belong to
+        no sequence yet (a prefill from position 0 resets a slot)."""
+        runner = self.executor.runner
+        specs = [s for s in self.config.graph_specs() if runner.runs_compiled(s)]
+        for spec in specs:
+            self.executor.run(spec, example_step(spec))
+        return len(specs)
 
     def close(self) -> None:
         self.executor.close()

@@ -3,11 +3,18 @@
 At tp == 1 every operation is the identity (and the graphs stay exportable); at tp > 1 they run over
 a torch.distributed process group (gloo on cpu, nccl on cuda). Graph code never asks for the rank:
 rank-dependent values come from the model's ``rank`` tensor (DESIGN §5).
+
+Inside ``torch.compile`` the reductions are ``torch.distributed._functional_collectives`` (the only
+collectives Dynamo traces into a graph; TorchNeuron needs them too), addressed by the group's
+registered *name*. The name is part of the compiled code, so it is one constant (``GROUP_NAME``) on
+every rank and in every process: a graph set compiled by one process serves any other.
 """
 
 from __future__ import annotations
 
 import torch
+
+GROUP_NAME = "neuron-serve-tp"
 
 
 class Collectives:
@@ -18,14 +25,19 @@ class Collectives:
             raise ValueError(f"tp must be >= 1, got {tp}")
         self.tp = tp
         self.group = group  # may be bound later (``bind``): layers hold this object, not the group
+        self.group_name = GROUP_NAME  # the group's registered name (functional collectives)
 
-    def bind(self, group: object) -> None:
-        self.group = group
+    def bind(self, group: object, name: str = GROUP_NAME) -> None:
+        self.group, self.group_name = group, name
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Elementwise sum (or max) over ranks; returns a new tensor."""
         if self.tp == 1:
             return x
+        if torch.compiler.is_compiling():
+            import torch.distributed._functional_collectives as funcol
+
+            return funcol.all_reduce(x, op, self.group_name)
         import torch.distributed as dist
 
         out = x.contiguous().clone()
@@ -39,6 +51,10 @@ class Collectives:
         if self.tp == 1:
             return x
         x = x.contiguous()
+        if torch.compiler.is_compiling():
+            import torch.distributed._functional_collectives as funcol
+
+            return funcol.all_gather_tensor(x, dim % x.dim(), self.group_name)
         outs = [torch.empty_like(x) for _ in range(self.tp)]
         self.group.allgather([outs], [x]).wait()
         return torch.cat(outs, dim=dim)

@@ -12,11 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from exec_service.model.collectives import Collectives
-from exec_service.model.layers import zeros_param as _empty  # weights always come from a shard
+from exec_service.model.layers import zeros_param as _empty
+from exec_service.model.onednn import (
+    onednn_available,
+    pack_weight,
+    packed_linear,
+    register_packed,
+)  # weights always come from a shard
 from shared.layout import LayoutError as ParallelSizeError  # a size that tp does not divide
 from shared.layout import divide  # the one per-rank size check, shared with prep's planning
 
-__all__ = ["ParallelSizeError", "divide"]
+__all__ = ["ParallelSizeError", "divide", "onednn_available", "pack_weight"]
 
 
 # ---- int8 weight-only linears (shared/quantize.py: W ~= q * scale[out, None]) ----------------------
@@ -74,37 +80,6 @@ class _Int8Weight(nn.Module):
     @property
     def quantized(self) -> bool:
         return self.weight.dtype == torch.int8
-
-
-def onednn_available() -> bool:
-    """oneDNN (mkldnn) fp32 linear with prepacked weights: the fastest CPU GEMV/small-GEMM here."""
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def pack_weight(weight: torch.Tensor, batch_hint: int | None = None) -> torch.Tensor | None:
-    """The weight reordered into oneDNN's blocked layout (fp32 on CPU only; None where unsupported)."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not onednn_available():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-    except RuntimeError:
-        return None
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def packed_linear(
-    x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``F.linear`` through oneDNN with a prepacked weight (``packed``), or plain ``F.linear``.
-
-    On this 2-core AVX2 CPU MKL's sgemm for M = 1..16 rows streams the weights at ~6-12 GB/s;
-    oneDNN's prepacked inner product reaches ~20 GB/s at M = 1 and ~2x MKL at M = 8 (bench/)."""
-    if packed is None or _tracing():  # export / compile / Neuron tracing see the plain op
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class ColumnParallelLinear(_Int8Weight):
@@ -213,6 +188,7 @@ def pack_linears(model: nn.Module, batch_hint: int | None = None) -> int:
     for mod in model.modules():
         if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
             mod.packed = pack_weight(mod.weight, batch_hint)
+            w = mod.weight
         elif isinstance(mod, ParallelLMHead):
             w = (
                 mod.weight
@@ -222,7 +198,9 @@ def pack_linears(model: nn.Module, batch_hint: int | None = None) -> int:
             mod.packed = None if w is None else pack_weight(w, batch_hint)
         else:
             continue
-        n += mod.packed is not None
+        if mod.packed is not None:
+            register_packed(w, mod.packed)  # what compiled graphs use (onednn.onednn_linear)
+            n += 1
     return n
 
 

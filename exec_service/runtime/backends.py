@@ -17,6 +17,21 @@ from exec_service.runtime.graphs import StepGraph
 GraphFn = Callable[..., tuple[torch.Tensor, ...]]
 
 
+# Every step graph is one more compiled entry of the same code object (StepGraph.forward, guarded on
+# the graph's spec): Dynamo's default limit of 8 entries per code object would refuse the 9th graph
+# of a serving shape ("recompile limit exceeded"); a default shape has dozens.
+MAX_GRAPHS_PER_PROCESS = 4096
+
+
+def _allow_many_graphs() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MAX_GRAPHS_PER_PROCESS)
+    dynamo_config.accumulated_recompile_limit = max(
+        dynamo_config.accumulated_recompile_limit, MAX_GRAPHS_PER_PROCESS
+    )
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine."""
 
@@ -29,8 +44,11 @@ class CpuBackend:
         self.device = torch.device("cpu")
 
     def prepare(self, graph: StepGraph) -> GraphFn:
+        """The graph compiled (``compile``: one ``torch.compile`` per static shape, built at its
+        first call or found in the compiler caches a graph set filled), else the graph itself."""
         if not self.compile:
             return graph
+        _allow_many_graphs()
         return torch.compile(graph, fullgraph=True, dynamic=False)
 
 

@@ -24,7 +24,7 @@ from datetime import timedelta
 
 import torch
 
-from exec_service.model.collectives import Collectives
+from exec_service.model.collectives import GROUP_NAME, Collectives
 from exec_service.model.loading import ShardSource
 from exec_service.runtime.graphs import KINDS, GraphSpec
 from exec_service.runtime.runner import Runner, RuntimeConfig
@@ -96,11 +96,21 @@ def _unpack(spec: GraphSpec, payload: torch.Tensor) -> StepInputs:
 def _gloo_group(
     port: int, rank: int, tp: int, is_master: bool, store: object | None = None
 ) -> tuple[object, object]:
+    """A gloo process group registered under ``GROUP_NAME`` in this process (compiled graphs'
+    functional collectives find it by that name); a previous registration is replaced."""
     import torch.distributed as dist
 
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, tp, is_master=is_master, timeout=_GLOO_TIMEOUT)
-    return dist.ProcessGroupGloo(store, rank, tp, _GLOO_TIMEOUT), store
+    backend = dist.ProcessGroupGloo(store, rank, tp, _GLOO_TIMEOUT)
+    group = dist.ProcessGroup(store, rank, tp)
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    group._set_group_name(GROUP_NAME)
+    with contextlib.suppress(Exception):
+        torch._C._distributed_c10d._unregister_process_group(GROUP_NAME)
+    torch._C._distributed_c10d._register_process_group(GROUP_NAME, group)
+    return group, store
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -15,18 +15,19 @@ from exec_service.model.decoder import DecoderModel
 from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
 from exec_service.model.parallel import INT8_KERNELS, int8pack_available, pack_linears, prepare_int8
 from exec_service.runtime.backends import GraphFn, get_backend
+from exec_service.runtime.compiled import CompiledGraphs, install
 from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, graph_set
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import TokenCounts
 from exec_service.runtime.step_io import StepInputs, StepOutputs
-from exec_service.shapes import ServingShape
 from shared.families.base import Architecture
 from shared.layout import Target
+from shared.shapes import ServingShape
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """The serving shape (``exec_service.shapes.ServingShape``: empty buckets are derived) and the
+    """The serving shape (``shared.shapes.ServingShape``: empty buckets are derived) and the
     runtime's options."""
 
     max_batch_size: int = 4
@@ -35,7 +36,11 @@ class RuntimeConfig:
     kv_buckets: tuple[int, ...] = field(default=())
     batch_buckets: tuple[int, ...] = field(default=())
     backend: str = "cpu"
+    # torch.compile every graph here, just in time (``neuron-serve compile`` builds graph sets so)
     compile: bool = False
+    # a loaded graph set (exec_service.graph_sets): its graphs run compiled from its caches, every
+    # other graph eager; None = ``compile`` decides
+    graphs: CompiledGraphs | None = None
     num_candidates: int = 256  # per-rank / merged sampling candidates (see sampling.py)
     num_top_logprobs: int = 20  # the most top alternatives a request can ask for
     return_logits: bool = False  # also return full logits per step (parity tests; costs a gather)
@@ -56,7 +61,7 @@ class RuntimeConfig:
     max_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
-        # the serving-shape rules live in one place (exec_service/shapes.py; the CLI and Helm use them)
+        # the serving-shape rules live in one place (shared/shapes.py; the CLI and Helm use them)
         shape = ServingShape(
             self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets, self.batch_buckets
         )
@@ -108,13 +113,15 @@ class Runner:
             raise ShardLoadError(
                 f"the shard loaded for rank {rank} holds rank {int(state['rank'].reshape(-1)[0])}"
             )
-        self.backend = get_backend(config.backend, config.compile)
+        if config.graphs is not None:
+            install(config.graphs)  # this rank's process: the compiler caches, before any compile
+        self.backend = get_backend(config.backend, config.compile or config.graphs is not None)
         device = self.backend.device
         dtype = torch_dtype(target.dtype)
         model = DecoderModel(arch, target, dtype, comm)
         load_strict(model, state, what=f"rank {rank} shard")
         self.model = model.to(device).eval()
-        if config.backend == "cpu" and not config.compile and config.cpu_linear == "onednn":
+        if config.backend == "cpu" and config.cpu_linear == "onednn":  # eager and compiled
             pack_linears(self.model, config.max_batch_size)
         if target.quantization is not None:
             prepare_int8(self.model, config.resolved_int8_kernel())
@@ -143,11 +150,16 @@ class Runner:
         }
         self._fns: dict[GraphSpec, GraphFn] = {}
 
+    def runs_compiled(self, spec: GraphSpec) -> bool:
+        graphs = self.config.graphs
+        return graphs.runs_compiled(spec.name) if graphs is not None else self.config.compile
+
     def fn(self, spec: GraphSpec) -> GraphFn:
         if spec not in self.graphs:
             raise KeyError(f"no graph {spec.name} in this runtime's graph set")
         if spec not in self._fns:
-            self._fns[spec] = self.backend.prepare(self.graphs[spec])
+            graph = self.graphs[spec]
+            self._fns[spec] = self.backend.prepare(graph) if self.runs_compiled(spec) else graph
         return self._fns[spec]
 
     @torch.no_grad()

@@ -1,0 +1,148 @@
+"""``neuron-serve compile MANIFEST_URI --device D [serving shape] [--output STORE_URI] [--force]``.
+
+Compiles every graph of the serving-shape set and publishes the graph set; the graph set's URI is
+the last stdout line, progress per graph goes to stderr (``--progress json``: one JSON object per
+line, for the prep service's ``CompileGraphs`` and other batch drivers). Exit 0: published (or
+already there); 2: a bad input (named); 1: the compile or the store failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from exec_service.cli import add_serving_shape_arguments
+
+    c = sub.add_parser(
+        "compile",
+        help="compile a model's step graphs once and publish them as a graph set",
+        description="Compile every step graph of one serving shape (a context graph per context bucket, "
+        "the token-generation graphs per batch and KV bucket, their greedy variants) and publish "
+        "{store}/graphs/{graph_key}/graphs.json with its files, for exec-server --graphs auto|required. "
+        "Weights do not enter the graph key: one graph set serves every checkpoint of an architecture.",
+    )
+    c.add_argument(
+        "manifest", metavar="MANIFEST_URI", help="file://… or s3://… manifest.json of a prepared model"
+    )
+    c.add_argument("--device", choices=("cpu", "cuda", "neuron"), required=True)
+    add_serving_shape_arguments(c)
+    c.add_argument(
+        "--output",
+        default=None,
+        metavar="STORE_URI",
+        help="store to publish to (default: the manifest's store)",
+    )
+    c.add_argument(
+        "--force", action="store_true", help="compile and publish again even if the graph set exists"
+    )
+    c.add_argument(
+        "--prefer",
+        choices=("fastest", "compiled"),
+        default="fastest",
+        help="fastest (default): a graph whose eager path measured faster at build time is recorded to "
+        "run eager; compiled: every graph runs compiled",
+    )
+    c.add_argument("--progress", choices=("text", "json"), default="text", help="stderr progress format")
+    c.set_defaults(func=cmd_compile, parser=c)
+
+
+class _Reporter:
+    def __init__(self, fmt: str) -> None:
+        self.fmt, self.t0 = fmt, time.monotonic()
+
+    def __call__(self, event: dict) -> None:
+        if self.fmt == "json":
+            print(json.dumps(event), file=sys.stderr, flush=True)
+            return
+        kind = event["event"]
+        if kind == "start":
+            msg = f"graph set {event['key']}: compiling {event['total']} graphs"
+        elif kind == "graph" and event["state"] == "compiling":
+            msg = f"[{event['index']}/{event['total']}] {event['name']}: compiling…"
+        elif kind == "graph":
+            msg = (
+                f"[{event['index']}/{event['total']}] {event['name']}: compiled in {event['compile_s']:.1f} s"
+            )
+        elif kind == "timing":
+            msg = f"timing the {event['total']} graphs, compiled and eager, in a fresh process…"
+        elif kind == "timed":
+            msg = (
+                f"{event['name']}: step {event['compiled_ms']:.1f} ms compiled, {event['eager_ms']:.1f} ms "
+                f"eager -> runs {event['run']}"
+            )
+        elif kind == "exists":
+            msg = f"graph set {event['key']} exists: {event['uri']}"
+        elif kind == "published":
+            msg = f"published {event['uri']} ({event['files']} files, {event['bytes'] / 1e6:.1f} MB)"
+        else:
+            msg = json.dumps(event)
+        print(f"compile [{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from exec_service.cli import serving_shape_from_args
+
+    parser: argparse.ArgumentParser = args.parser
+    shape = serving_shape_from_args(args, parser)  # exit 2 naming the flag
+    from exec_service.runtime.compiled import fresh_cache_dir
+
+    fresh_cache_dir()  # before torch compiles anything here: the build captures all of it
+
+    from exec_service.artifact import ArtifactError, open_artifact
+    from exec_service.graph_sets.build import build, config_key
+    from exec_service.graph_sets.policy import graph_store_uri
+    from exec_service.graph_sets.store import find, graph_set_uri, publish
+    from exec_service.runtime.backends import BackendUnavailable, get_backend
+    from exec_service.runtime.runner import RuntimeConfig
+    from shared.storage import StoreError, open_store
+
+    report = _Reporter(args.progress)
+    try:
+        get_backend(args.device)
+    except (BackendUnavailable, NotImplementedError) as e:
+        print(f"error: --device {args.device}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        artifact = open_artifact(args.manifest)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        config = RuntimeConfig(
+            max_batch_size=shape.max_batch_size,
+            max_seq_len=shape.max_seq_len,
+            context_buckets=shape.context_buckets,
+            kv_buckets=shape.kv_buckets,
+            batch_buckets=shape.batch_buckets,
+            backend=args.device,
+        )
+        root = graph_store_uri(artifact, args.output)
+        store = open_store(root)
+    except ValueError as e:
+        print(f"error: --output: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        key, _ = config_key(artifact, config)
+        if not args.force and find(store, key) is not None:
+            uri = graph_set_uri(store, key)
+            report({"event": "exists", "key": key, "uri": uri})
+            print(uri)
+            return EXIT_OK
+        built = build(artifact, config, prefer=args.prefer, progress=report)
+        uri = publish(store, built.directory, built.manifest, replace=args.force)
+    except StoreError as e:
+        print(f"error: the store failed: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a graph that does not compile names itself in the progress above
+        print(f"error: compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    size = sum(f.size for f in built.manifest.files)
+    report({"event": "published", "uri": uri, "files": len(built.manifest.files), "bytes": size})
+    print(uri)
+    return EXIT_OK

@@ -98,7 +98,13 @@ def choose(mode: str, artifact: Artifact, config: RuntimeConfig, store_uri: str 
     key, _ = config_key(artifact, config)
     if mode == "off":
         return GraphChoice(key, EAGER, 0)
-    root = graph_store_uri(artifact, store_uri)
+    try:
+        root = graph_store_uri(artifact, store_uri)
+    except ValueError as e:
+        if mode != "auto":
+            raise
+        log.info("not looking for a graph set: %s; running eager", e)
+        return GraphChoice(key, EAGER, 0)
     store = open_store(root)
     manifest = find(store, key)
     origin = LOADED

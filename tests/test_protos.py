@@ -156,8 +156,10 @@ def test_exec_service_names() -> None:
         "vocab_size",
         "manifest_digest",
         "limits",
+        "graphs",
         repeated=("context_buckets", "kv_buckets", "eos_token_ids"),
     )
+    _fields(exec_pb2.GraphSetInfo.DESCRIPTOR, "key", "origin", "count")  # DESIGN §6: ModelInfo.graphs
 
 
 def test_prep_service_names() -> None:
@@ -169,8 +171,10 @@ def test_prep_service_names() -> None:
     _check_rpc(svc, "WatchOperation", "WatchOperationRequest", "Operation", server_streaming=True)
     _check_rpc(svc, "CancelOperation", "CancelOperationRequest", "Operation")
     _check_rpc(svc, "ListOperations", "ListOperationsRequest", "ListOperationsResponse")
+    _check_rpc(svc, "CompileGraphs", "CompileGraphsRequest", "Operation")  # DESIGN §6
     assert set(svc.methods_by_name) == {
         "PrepareModel",
+        "CompileGraphs",
         "GetOperation",
         "WatchOperation",
         "CancelOperation",

@@ -22,7 +22,7 @@ from shared.families.base import Architecture
 from shared.layout import Target
 from shared.manifest import HF_SIDE_FILES, MANIFEST_NAME, Manifest, ManifestError, shard_path
 from shared.quantize import SCHEMES
-from shared.storage import sha256_file, split_uri
+from shared.storage import file_mismatch, split_uri
 
 
 class ArtifactError(ValueError):
@@ -86,14 +86,9 @@ class Artifact:
 
 
 def _verify(path: Path, size: int, sha256: str, what: str) -> None:
-    if not path.exists():
-        raise ArtifactError(f"{what} is missing from the store")
-    actual = path.stat().st_size
-    if actual != size:
-        raise ArtifactError(f"{what}: size {actual} does not match the manifest's {size} bytes")
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise ArtifactError(f"{what}: sha256 {digest} does not match the manifest's {sha256}")
+    problem = file_mismatch(path, size, sha256, what, "the manifest")
+    if problem is not None:
+        raise ArtifactError(problem)
 
 
 def open_artifact(manifest_uri: str, workdir: Path | None = None) -> Artifact:

@@ -85,15 +85,7 @@ class ServeConfig:
         )
 
     def runtime_config(self) -> RuntimeConfig:
-        shape = self.serving_shape()
-        return RuntimeConfig(
-            max_batch_size=shape.max_batch_size,
-            max_seq_len=shape.max_seq_len,
-            context_buckets=shape.context_buckets,
-            kv_buckets=shape.kv_buckets,
-            batch_buckets=shape.batch_buckets,
-            backend=self.device,
-        )
+        return RuntimeConfig(**self.serving_shape().fields(), backend=self.device)
 
 
 class ExecServer:

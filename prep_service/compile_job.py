@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda", "neuron")
 PREFER = ("fastest", "compiled")
-# ServingShape field -> the CompileGraphsRequest field that sets it (errors name the field)
-_FIELDS = {"max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "batch_buckets"}
 
 
 @dataclass(frozen=True)
@@ -83,17 +81,8 @@ class CompileRequest:
         )
 
     def argv(self) -> list[str]:
-        s = self.shape
-
-        def joined(values: tuple[int, ...]) -> str:
-            return ",".join(map(str, values))
-
-        argv = [
-            sys.executable, "-m", "shared.cli", "compile", self.manifest_uri, "--device", self.device,
-            "--max-batch-size", str(s.max_batch_size), "--max-seq-len", str(s.max_seq_len),
-            "--context-buckets", joined(s.context_buckets), "--kv-buckets", joined(s.kv_buckets),
-            "--batch-buckets", joined(s.batch_buckets), "--prefer", self.prefer, "--progress", "json",
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "shared.cli", "compile", self.manifest_uri, "--device", self.device]
+        argv += [*self.shape.cli_flags(), "--prefer", self.prefer, "--progress", "json"]
         if self.output:
             argv += ["--output", self.output]
         if self.force:

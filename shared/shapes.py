@@ -100,6 +100,21 @@ class ServingShape:
         object.__setattr__(self, "kv_buckets", kv)
         object.__setattr__(self, "batch_buckets", batch)
 
+    def fields(self) -> dict[str, object]:
+        """The shape as keyword arguments (``RuntimeConfig(**shape.fields(), ...)``)."""
+        return {f: getattr(self, f) for f in SHAPE_FIELDS}
+
+    def cli_flags(self) -> list[str]:
+        """The shape as ``exec-server`` / ``compile`` flags, every bucket spelled out."""
+        out: list[str] = []
+        for f in SHAPE_FIELDS:
+            v = getattr(self, f)
+            out += [f"--{f.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+        return out
+
+
+SHAPE_FIELDS = ("max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "batch_buckets")
+
 
 def bucket_for(buckets: tuple[int, ...], n: int) -> int:
     """The smallest bucket >= n (buckets sorted; n must fit the largest)."""

@@ -114,14 +114,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        config = RuntimeConfig(
-            max_batch_size=shape.max_batch_size,
-            max_seq_len=shape.max_seq_len,
-            context_buckets=shape.context_buckets,
-            kv_buckets=shape.kv_buckets,
-            batch_buckets=shape.batch_buckets,
-            backend=args.device,
-        )
+        config = RuntimeConfig(**shape.fields(), backend=args.device)
         root = graph_store_uri(artifact, args.output)
         store = open_store(root)
     except ValueError as e:

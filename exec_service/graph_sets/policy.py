@@ -18,7 +18,6 @@ import logging
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exec_service.artifact import Artifact
@@ -27,6 +26,7 @@ from exec_service.graph_sets.store import fetch, find, graph_set_uri
 from exec_service.runtime.compiled import CompiledGraphs
 from exec_service.runtime.runner import RuntimeConfig
 from shared.manifest import store_root_uri
+from shared.shapes import SHAPE_FIELDS, ServingShape
 from shared.storage import open_store
 
 log = logging.getLogger("neuron_serve.graphs")
@@ -55,26 +55,14 @@ EAGER_GRAPHS = GraphChoice("", EAGER, 0)  # an engine built by the caller (bench
 
 def compile_command(manifest_uri: str, config: RuntimeConfig, store_uri: str) -> list[str]:
     """``neuron-serve compile`` for exactly this serving shape (what ``required`` tells the user)."""
-
-    def joined(values: Sequence[int]) -> str:
-        return ",".join(str(v) for v in values)
-
+    shape = ServingShape(**{f: getattr(config, f) for f in SHAPE_FIELDS})
     return [
         "neuron-serve",
         "compile",
         manifest_uri,
         "--device",
         config.backend,
-        "--max-batch-size",
-        str(config.max_batch_size),
-        "--max-seq-len",
-        str(config.max_seq_len),
-        "--context-buckets",
-        joined(config.context_buckets),
-        "--kv-buckets",
-        joined(config.kv_buckets),
-        "--batch-buckets",
-        joined(config.batch_buckets),
+        *shape.cli_flags(),
         "--output",
         store_uri,
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from exec_service.graph_sets.key import graph_set_prefix
 from exec_service.graph_sets.manifest import GRAPHS_JSON, GraphSetError, GraphSetManifest
 from shared.manifest import FileEntry
-from shared.storage import ObjectExists, ObjectStore, sha256_file
+from shared.storage import ObjectExists, ObjectStore, file_mismatch, sha256_file
 
 log = logging.getLogger("neuron_serve.graphs")
 
@@ -54,12 +54,9 @@ def fetch(store: ObjectStore, manifest: GraphSetManifest, dest: Path | None = No
             store.download_file(f"{prefix}/{entry.path}", local)
         except FileNotFoundError:
             raise GraphSetError(f"{what} is missing from the store") from None
-        size = local.stat().st_size
-        if size != entry.size:
-            raise GraphSetError(f"{what}: size {size} does not match graphs.json's {entry.size} bytes")
-        digest = sha256_file(local)
-        if digest != entry.sha256:
-            raise GraphSetError(f"{what}: sha256 {digest} does not match graphs.json's {entry.sha256}")
+        problem = file_mismatch(local, entry.size, entry.sha256, what, GRAPHS_JSON)
+        if problem is not None:
+            raise GraphSetError(problem)
     return dest
 
 

@@ -34,6 +34,7 @@ from shared.storage.base import (
     ObjectInfo,
     ObjectStore,
     StoreError,
+    file_mismatch,
     sha256_file,
     validate_key,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "S3Store",
     "StoreError",
     "default_store_uri",
+    "file_mismatch",
     "open_store",
     "sha256_file",
     "split_uri",

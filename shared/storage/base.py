@@ -132,6 +132,19 @@ def sha256_file(path: str | os.PathLike[str], on_bytes: Callable[[int], None] | 
     return h.hexdigest()
 
 
+def file_mismatch(path: Path, size: int, sha256: str, what: str, listed_in: str) -> str | None:
+    """Why a fetched file is not the one ``listed_in`` (e.g. "the manifest") lists, or None."""
+    if not path.exists():
+        return f"{what} is missing from the store"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{what}: size {actual} does not match {listed_in}'s {size} bytes"
+    digest = sha256_file(path)
+    if digest != sha256:
+        return f"{what}: sha256 {digest} does not match {listed_in}'s {sha256}"
+    return None
+
+
 def copy_hashing(src: BinaryIO, dst: BinaryIO) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` hashing on the way: one pass over the bytes instead of two."""
     h = hashlib.sha256()

@@ -11,6 +11,13 @@ packed weight is an opaque mkldnn tensor, which neither Dynamo nor export can tr
   weight's storage (``register_packed``), or falls back to ``F.linear``. Inductor calls it as an
   extern kernel and fuses everything around it;
 * ``torch.export`` (StableHLO lowering, Neuron): plain ``F.linear``.
+
+One exception inside compiled cpu graphs: a linear of at most ``REDUCTION_MAX_ROWS`` rows (batch-1
+and batch-2 decode) is written as the reduction ``(x[..., None, :] * w).sum(-1)``, which Inductor
+turns into one vectorised, multi-threaded C++ loop that streams the weight once at the memory
+bandwidth, fused with its neighbours (``reduction_linear``). SmolLM2's 121 decode matrices, one
+compiled graph, this 2-core AVX2 CPU: 1 row 15-21 ms vs oneDNN 34-35 ms; 2 rows 23 vs 33 ms; at
+4 rows oneDNN wins (23 vs 27 ms) and at 8 clearly (36 vs 53 ms): docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -52,7 +59,12 @@ def _lookup(weight: torch.Tensor) -> torch.Tensor | None:
     return entry[2]
 
 
-@torch.library.custom_op("neuron_serve::onednn_linear", mutates_args=())
+# Registered with the dispatcher directly (a CPU kernel + a fake), not with ``torch.library.custom_op``:
+# its Python wrapper layers cost ~15 us more per call here, x 121 linears per decode step.
+_LIB = torch.library.Library("neuron_serve", "DEF")
+_LIB.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     packed = _lookup(weight)
     if packed is None:
@@ -60,15 +72,45 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@onednn_linear.register_fake
+_LIB.impl("onednn_linear", onednn_linear, "CPU")
+
+
+@torch.library.register_fake("neuron_serve::onednn_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# Rows up to which compiled cpu graphs compute a linear as a reduction rather than a GEMM call.
+REDUCTION_MAX_ROWS = 2
+
+
+def reduction_rows(x: torch.Tensor) -> bool:
+    """Whether a compiled cpu graph computes ``x @ W^T`` as a reduction (a trace-time, shape-only
+    choice: static shapes fix it per graph)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() // x.shape[-1] <= REDUCTION_MAX_ROWS
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    )
+
+
+def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` as an elementwise product summed over the input dim: [..., in] x [out, in] ->
+    [..., out]. Inside a compiled graph this is one fused loop over the weight's rows (the weight may
+    be int8: the conversion happens in the loop, so only its bytes are read)."""
+    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
 
 
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` through oneDNN when ``weight`` has a packed copy (``packed``)."""
+    """``F.linear(x, weight, bias)`` through oneDNN when ``weight`` has a packed copy (``packed``);
+    in compiled cpu graphs with few rows, as a reduction (``reduction_rows``)."""
+    if reduction_rows(x):
+        y = reduction_linear(x, weight)
+        return y if bias is None else y + bias
     if packed is None or torch.compiler.is_exporting():  # export / Neuron tracing: the plain op
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():

@@ -20,6 +20,8 @@ import grpc
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from exec_service.http.mapping import generate_params, openai_param
 from exec_service.http.schema import ChatCompletionRequest, CompletionRequest
@@ -418,6 +420,77 @@ def test_what_only_http_refuses(served, client) -> None:
     big = b'{"model": "x", "prompt": "' + b"a" * (4 * 1024 * 1024) + b'"}'
     r = httpx.post(f"{served.base}/v1/completions", content=big, headers=HEADERS)
     assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
+
+
+# Hostile bodies: any JSON value in any known field (and unknown ones). Every answer is a documented
+# status with an OpenAI error object (or a completion), never a 500; the server serves on afterwards.
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_INT = st.integers(min_value=-(2**70), max_value=2**70)
+_NUM = st.floats() | _INT
+_TEXT = st.text(max_size=300)
+# each known field gets values of its JSON type but out of every range (so that most bodies pass the
+# type check and reach the shared validation and the engine's check), or now and then any JSON
+_TYPED = {
+    "prompt": _TEXT
+    | st.lists(st.integers(min_value=-5, max_value=2**40), max_size=6)
+    | st.lists(_TEXT, max_size=3),
+    "max_tokens": _INT,
+    "temperature": _NUM,
+    "top_p": _NUM,
+    "seed": _INT,
+    "stop": _TEXT | st.lists(_TEXT, max_size=20),
+    "presence_penalty": _NUM,
+    "frequency_penalty": _NUM,
+    "n": _INT,
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logit_bias": st.dictionaries(st.text(max_size=5), st.floats(), max_size=2),
+    "logprobs": _INT,
+    "echo": st.booleans(),
+    "suffix": st.text(max_size=5),
+    "best_of": _INT,
+    "min_tokens": _INT,
+    "ignore_eos": st.booleans(),
+    "top_k": _INT,
+    "min_p": _NUM,
+    "repetition_penalty": _NUM,
+    "stop_token_ids": st.lists(_INT, max_size=5),
+    "unknown": _JSON,
+}
+_BODIES = st.lists(st.sampled_from(sorted(_TYPED)), unique=True, max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: _TYPED[k] | _TYPED[k] | _TYPED[k] | _JSON for k in keys})
+)
+
+
+@settings(
+    derandomize=True,  # the same bodies on every CI run
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(fields=_BODIES)
+def test_hostile_bodies_get_documented_answers(served, fields) -> None:
+    body = {"model": served.model, "prompt": [1, 2, 3], "max_tokens": 2, **fields}
+    if isinstance(body["max_tokens"], int) and 4 < body["max_tokens"] < 10**6:
+        body["max_tokens"] = 4  # a valid length: kept short (the test is about the answers)
+    r = httpx.post(
+        f"{served.base}/v1/completions",
+        content=json.dumps(body).encode(),  # NaN / Infinity as Python writes them, too
+        headers={**HEADERS, "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code in (200, 400, 404), (r.status_code, r.text, body)
+    if r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"):
+        assert sse_events(r)[-1] == "[DONE]"
+    elif r.status_code == 200:
+        assert r.json()["object"] == "text_completion"
+    else:
+        err = r.json()["error"]
+        assert err["message"] and err["type"] in ("invalid_request_error", "not_found_error")
 
 
 # -- disconnect, queue, metrics -----------------------------------------------------------------------

@@ -77,9 +77,10 @@ def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "exec-server",
-        help="serve a prepared model over gRPC",
+        help="serve a prepared model over gRPC (and the OpenAI HTTP API with --http-port)",
         description="Load a manifest's shards and serve ExecService (streaming Generate with continuous "
-        "batching) until SIGTERM/SIGINT, then drain. A tp>1 manifest starts its worker rank processes.",
+        "batching) until SIGTERM/SIGINT, then drain. A tp>1 manifest starts its worker rank processes. "
+        "--http-port adds an OpenAI-compatible HTTP API on the same engine.",
     )
     s.add_argument("--model", required=True, metavar="MANIFEST_URI", help="file://… or s3://… manifest.json")
     s.add_argument("--port", type=int, default=50052, metavar="P", help="gRPC port (default 50052; 0 = any)")
@@ -103,6 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="store holding graph sets (default: the manifest's store)",
     )
     s.add_argument("--metrics-port", type=int, default=0, metavar="M", help="Prometheus port (0 = off)")
+    s.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        metavar="P",
+        help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on this port, "
+        "beside gRPC, with the same TLS and bearer tokens (0 = off, the default)",
+    )
     s.add_argument("--grace-period", type=float, default=30.0, metavar="S", help="drain timeout on SIGTERM")
     s.add_argument("--max-waiting-requests", type=int, default=256, metavar="N")
     s.add_argument(
@@ -155,6 +164,7 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
     for flag, value, lo in (
         ("--port", args.port, 0),
         ("--metrics-port", args.metrics_port, 0),
+        ("--http-port", args.http_port, 0),
         ("--max-waiting-requests", args.max_waiting_requests, 0),
         ("--load-attempts", args.load_attempts, 1),
     ):
@@ -187,6 +197,7 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
         graphs=args.graphs,
         graphs_store=args.graphs_store,
         metrics_port=args.metrics_port,
+        http_port=args.http_port or None,  # 0 = off
         grace_s=args.grace_period,
         max_waiting_requests=args.max_waiting_requests,
         load_attempts=args.load_attempts,

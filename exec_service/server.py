@@ -10,9 +10,14 @@ retries) are retried here with backoff first. Liveness ``""`` turns NOT_SERVING 
 dies (e.g. a TP worker died). SIGTERM drains: readiness NOT_SERVING, new calls UNAVAILABLE,
 in-flight streams get the grace period.
 
-The rest is elsewhere, one concern per module: ``requests`` (validation, defaults), ``streaming``
-(text, stop strings, messages), ``engine_loop`` (the thread bridge), ``servicer`` (the RPCs and the
-error map), ``metrics``.
+With ``ServeConfig.http_port`` set, the OpenAI-compatible HTTP front (``exec_service.http``) is
+served beside gRPC on the same event loop, bound at start with the gRPC port (it answers 503 while
+the model loads) and stopped after the drain; both fronts go through one ``gateway.Gateway``.
+
+The rest is elsewhere, one concern per module: ``requests`` (validation, defaults), ``gateway`` (the
+ready gate, admission, the stream loop, the error map), ``streaming`` (text, stop strings,
+messages), ``engine_loop`` (the thread bridge), ``servicer`` (the RPCs), ``http`` (the OpenAI
+front), ``metrics``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from typing import Any, TypeVar
 from exec_service.artifact import Artifact, open_artifact
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
 from exec_service.engine_loop import Counts, EngineLoop
+from exec_service.gateway import ERRORS, Gateway, Serving
 from exec_service.graph_sets.policy import EAGER_GRAPHS, GraphChoice, choose
 from exec_service.graph_sets.policy import MODES as GRAPH_MODES
+from exec_service.http.app import OpenAIFront
+from exec_service.http.server import HttpServer
 from exec_service.metrics import ExecMetrics
 from exec_service.requests import MAX_MESSAGE_BYTES, GenerationDefaults, Limits
 from exec_service.runtime.compiled import compile_counters
-from exec_service.servicer import ERRORS, ExecServicer, Serving
+from exec_service.servicer import ExecServicer
 from protos import exec_pb2
 from shared import grpc_util
 from shared.serving import ServerLifecycle, run_until_signalled
@@ -67,6 +75,7 @@ class ServeConfig:
     graphs: str = "auto"  # exec_service.graph_sets.policy.MODES
     graphs_store: str | None = None  # where graph sets live (default: the manifest's store)
     metrics_port: int = 0
+    http_port: int | None = None  # the OpenAI-compatible HTTP API: None = off, 0 = any free port
     grace_s: float = 30.0
     max_waiting_requests: int = 256
     max_waiting_prompt_tokens: int = 262_144
@@ -78,6 +87,8 @@ class ServeConfig:
         self.serving_shape()  # an impossible shape is refused here, before anything binds a port
         if self.graphs not in GRAPH_MODES:
             raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {self.graphs!r}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
 
     def serving_shape(self) -> ServingShape:
         return ServingShape(
@@ -99,7 +110,9 @@ class ExecServer:
         self._engine = engine
         self._artifact = artifact
         self.metrics = ExecMetrics()
-        self.servicer = ExecServicer(self.metrics)
+        self.gateway = Gateway()
+        self.servicer = ExecServicer(self.metrics, self.gateway)
+        self.http: HttpServer | None = None
         self.loop: EngineLoop | None = None
         self.load_error: str | None = None
         self._liveness_task: asyncio.Task | None = None
@@ -130,9 +143,20 @@ class ExecServer:
     def grpc_server(self) -> grpc_util.GrpcServer:
         return self.lifecycle.grpc_server
 
+    @property
+    def http_port(self) -> int | None:
+        """The port of the HTTP API once it accepts connections (None when off or not yet)."""
+        return self.http.port or None if self.http is not None else None
+
     async def start(self) -> int:
         """Bind and answer health checks at once (NOT_SERVING), load + warm up, then SERVING."""
         port = await self.lifecycle.start(ready=False)
+        if self.cfg.http_port is not None:
+            try:
+                await self._start_http()
+            except BaseException:
+                await self.stop()
+                raise
         log.info("exec server listening on %s; loading %s", self.lifecycle.address, self.cfg.manifest_uri)
         try:
             artifact, engine, tokenizer, graphs = await in_own_thread(self._load_with_retries, "exec-load")
@@ -156,9 +180,7 @@ class ExecServer:
         )
         defaults = GenerationDefaults.from_generation_config(artifact.generation_config)
         self.metrics.graphs.labels(graphs.key, graphs.origin).set(graphs.count)
-        self.servicer.serve(
-            Serving(artifact, self.loop, tokenizer, limits, defaults, self.cfg.device, graphs)
-        )
+        self.gateway.serve(Serving(artifact, self.loop, tokenizer, limits, defaults, self.cfg.device, graphs))
         self._liveness_task = asyncio.create_task(self._watch_liveness())
         await self.lifecycle.set_ready(True)
         man = artifact.manifest
@@ -234,21 +256,37 @@ class ExecServer:
                 await self.lifecycle.set_ready(False)
                 return
 
+    async def _start_http(self) -> None:
+        security = self.cfg.security or grpc_util.ServerSecurity()
+        front = OpenAIFront(self.gateway, self.metrics.http, security.tokens)
+        self.http = HttpServer(front.app, self.cfg.host, self.cfg.http_port or 0, security.tls)
+        await self.http.start()
+
+    async def _stop_http(self, grace_s: float) -> None:
+        if self.http is not None:
+            await self.http.stop(grace_s)
+
     async def drain(self) -> None:
+        """SIGTERM: both fronts refuse new requests (gRPC UNAVAILABLE, HTTP 503), in-flight ones of
+        both get the grace period (the gateway counts them), then gRPC stops, then HTTP."""
         self._stopping = True
-        await self.lifecycle.drain(self.servicer.wait_idle)
+        await self.lifecycle.drain(self.gateway.wait_idle)
+        await self._stop_http(1.0)  # what the grace period left: the final chunks of wound-down streams
         self.close()
 
     async def stop(self, grace_s: float | None = 0) -> None:
         self._stopping = True
-        self.servicer.draining = True
+        self.gateway.draining = True
         await self.lifecycle.stop(grace_s)
+        await self._stop_http(grace_s or 0.0)
         self.close()
 
     async def wait_for_termination(self) -> None:
         await self.lifecycle.wait_for_termination()
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         if self._liveness_task is not None:
             self._liveness_task.cancel()
             self._liveness_task = None

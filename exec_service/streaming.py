@@ -2,9 +2,9 @@
 
 A :class:`GenerationStream` owns the incremental detokenizer and the stop-string matcher of one
 request (``exec_service.text``) and its bookkeeping (first/last token times, counts, seed). The
-servicer feeds it each batch of ``RequestOutput``s that the engine loop delivered (everything that
+gateway (``exec_service.gateway``, for both fronts) feeds it each batch of ``RequestOutput``s that the engine loop delivered (everything that
 piled up while the client lagged goes out in one message) and sends what it returns. A stop string
-or a time limit ends the stream here; the servicer then aborts the engine request.
+or a time limit ends the stream here; the gateway then aborts the engine request.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from exec_service.engine import FinishReason, RequestOutput
 from exec_service.engine_loop import Delivered
-from exec_service.metrics import ExecMetrics
+from exec_service.metrics import ProtocolMetrics
 from exec_service.requests import ParsedRequest
 from exec_service.text import IncrementalDetokenizer, StopMatcher, TokenDecoders
 from protos import exec_pb2
@@ -44,7 +44,7 @@ class _Timing:
 class GenerationStream:
     parsed: ParsedRequest
     tokenizer: Any
-    metrics: ExecMetrics
+    metrics: ProtocolMetrics  # the front's (protocol-labelled) metrics
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
     generated: int = 0
@@ -75,7 +75,7 @@ class GenerationStream:
 
     def push(self, outputs: Sequence[Delivered]) -> exec_pb2.GenerateResponse | None:
         """The message for these outputs (None when they add no text and no ids yet). After a
-        final message ``finished`` is set; ``stopped_by_text`` tells the servicer to abort."""
+        final message ``finished`` is set; ``stopped_by_text`` tells the gateway to abort."""
         new_ids: list[int] = []
         lps: list[exec_pb2.TokenLogprob] = []
         finish: FinishReason | None = None
@@ -144,7 +144,7 @@ class GenerationStream:
         """The last message: finish reason, usage, timing."""
         self.finished = True
         now, t = time.monotonic(), self._timing
-        self.metrics.finished.labels(exec_pb2.FinishReason.Name(reason).lower()).inc()
+        self.metrics.finish(exec_pb2.FinishReason.Name(reason).lower())
         return exec_pb2.GenerateResponse(
             request_id=self.request_id,
             text=text,

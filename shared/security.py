@@ -5,7 +5,8 @@
   a certificate signed by that CA, checked in the TLS handshake.
 * Bearer tokens: ``--auth-token-file`` (one token per line, ``#`` comments) or env
   ``NEURON_SERVE_AUTH_TOKENS`` (comma-separated). Every RPC except health checks and (by default)
-  reflection must carry ``authorization: Bearer <token>``; tokens are compared in constant time.
+  reflection must carry ``authorization: Bearer <token>``; tokens are compared in constant time. The
+  exec server's HTTP front (``--http-port``) takes the same tokens and the same TLS settings.
 * A plaintext health-only port (``--health-port``, env ``NEURON_SERVE_HEALTH_PORT``) lets
   Kubernetes' native gRPC probes, which cannot speak TLS, reach grpc.health.v1 when TLS is on.
 """
@@ -105,6 +106,21 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
+def bearer_token_valid(header: str | bytes | None, tokens: Sequence[bytes]) -> bool:
+    """Whether an ``authorization`` value is ``Bearer <one of tokens>`` (the gRPC interceptor's and the
+    HTTP front's one check), compared in constant time."""
+    if not header:
+        return False
+    value = header.encode() if isinstance(header, str) else header
+    if value[:7].lower() != b"bearer ":
+        return False
+    given = value[7:].strip()
+    ok = False
+    for t in tokens:  # no early exit: the time taken does not reveal which token matched
+        ok |= hmac.compare_digest(given, t)
+    return ok
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
 
@@ -115,16 +131,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._exempt = (HEALTH_PREFIX, *(REFLECTION_PREFIXES if allow_reflection else ()))
 
     def _valid(self, header: str | bytes | None) -> bool:
-        if not header:
-            return False
-        value = header.encode() if isinstance(header, str) else header
-        if value[:7].lower() != b"bearer ":
-            return False
-        given = value[7:].strip()
-        ok = False
-        for t in self._tokens:  # no early exit: the time taken does not reveal which token matched
-            ok |= hmac.compare_digest(given, t)
-        return ok
+        return bearer_token_valid(header, self._tokens)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

@@ -39,7 +39,11 @@ SMALL_SHAPE = ("--max-batch-size", "2", "--max-seq-len", "256", "--context-bucke
 
 
 def _start(
-    manifest_uri: str, port: int, grace: float = 30.0, shape: tuple[str, ...] = SMALL_SHAPE
+    manifest_uri: str,
+    port: int,
+    grace: float = 30.0,
+    shape: tuple[str, ...] = SMALL_SHAPE,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     cmd = [
         str(EXE),
@@ -53,6 +57,7 @@ def _start(
         str(grace),
         "--log-level",
         "INFO",
+        *extra,
     ]
     # Logs go to a file: a pipe nobody reads fills up and then blocks the server's logging.
     log = tempfile.NamedTemporaryFile(prefix="exec-server-", suffix=".log", delete=False)  # noqa: SIM115
@@ -139,6 +144,7 @@ def test_a_newcomers_command_serves(artifacts) -> None:
         (("--max-batch-size", "0"), "--max-batch-size: max_batch_size must be >= 1"),
         (("--max-seq-len", "1"), "--max-seq-len: max_seq_len must be >= 2"),
         (("--port", "70000"), "--port: 70000 is out of range"),
+        (("--http-port", "-1"), "--http-port: -1 is out of range"),
     ],
 )
 def test_an_impossible_serving_shape_exits_2_at_parse_time(flags, fragment) -> None:
@@ -172,13 +178,18 @@ def test_a_missing_manifest_ends_the_process_with_the_reason() -> None:
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(artifacts) -> None:
-    port = _free_port()
-    proc = _start(artifacts[1], port)
+    """Over gRPC and the HTTP API (--http-port) alike: the process's own SIGTERM handler drains both."""
+    import httpx
+
+    port, http_port = _free_port(), _free_port()
+    proc = _start(artifacts[1], port, extra=("--http-port", str(http_port)))
+    http = f"http://127.0.0.1:{http_port}"
     try:
 
         async def main():
             await _wait_ready(port, proc)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, httpx.AsyncClient() as web:
+                assert (await web.get(f"{http}/v1/models")).json()["data"][0]["object"] == "model"
                 stub = exec_pb2_grpc.ExecServiceStub(ch)
                 health = health_pb2_grpc.HealthStub(ch)
                 call = stub.Generate(_ids_req([1, 2, 3], 200))
@@ -196,6 +207,8 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(artifacts) -> Non
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Generate(_ids_req([4, 5], 3)).read()
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                r = await web.get(f"{http}/health")
+                assert r.status_code == 503 and r.json()["error"]["message"] == "the server is draining"
                 msgs = [first]
                 while (m := await call.read()) is not grpc.aio.EOF:
                     msgs.append(m)

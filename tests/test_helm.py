@@ -271,6 +271,8 @@ def test_every_ci_values_file_is_a_tested_profile():
         ({"exec": {"autoscaling": {"minReplicas": 0}}}, "/exec/autoscaling/minReplicas"),
         ({"exec": {"drainTimeoutSeconds": -5}}, "/exec/drainTimeoutSeconds"),
         ({"server": {"metricsPort": 70000}}, "/server/metricsPort"),
+        ({"exec": {"httpPort": 70000}}, "/exec/httpPort"),
+        ({"exec": {"httpPort": "8000"}}, "/exec/httpPort"),
         ({"exec": {"contextBuckets": [1]}}, "/exec/contextBuckets"),
         # bad enums / patterns
         ({"exec": {"profile": "tpu"}}, "/exec/profile"),
@@ -376,6 +378,14 @@ def test_schema_accepts_defaults_and_profiles():
         ),
         ({"exec": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}, "minReplicas"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
+        (
+            {"exec": {"httpPort": 50051}},
+            "exec.httpPort (50051) must differ from the gRPC, metrics and health",
+        ),
+        (
+            {"exec": {"httpPort": 50052}, "tls": {"enabled": True, "secretName": "s"}},
+            "exec.httpPort (50052) must differ",
+        ),
     ],
 )
 def test_template_rejects_inconsistent_values(values, needle):
@@ -761,6 +771,51 @@ def test_services_name_the_grpc_port_with_app_protocol(profile):
     assert headless["spec"]["selector"]["app.kubernetes.io/component"] == "exec"
     # Headless clients dial pod IPs: the port must be the container port.
     assert headless["spec"]["ports"][0]["port"] == 50051
+
+
+def test_http_api_port_is_off_by_default_and_complete_when_on():
+    """exec.httpPort: the exec-server flag (parsed by the real CLI), a container port and a Service
+    port named http, a NetworkPolicy rule, the NOTES line; https as the appProtocol with TLS on."""
+    from shared.cli import build_parser
+
+    def http_ports(objs):
+        c = container(exec_deploy(objs))
+        svc = one(objs, "Service", f"{RELEASE}-neuron-serve-exec")
+        np_ = one(objs, "NetworkPolicy", f"{RELEASE}-neuron-serve-exec")
+        return (
+            [p for p in c["ports"] if p["name"] == "http"],
+            [p for p in svc["spec"]["ports"] if p["name"] == "http"],
+            [r for r in np_["spec"]["ingress"] if r["ports"][0]["port"] == "http"],
+            [a for a in c["args"] if a.startswith("--http-port")],
+        )
+
+    assert http_ports(render_profile("default")) == ([], [], [], [])
+    assert "OpenAI-compatible" not in notes()
+
+    peers = [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
+    values = {"exec": {"httpPort": 8000}, "networkPolicy": {"httpFrom": peers}}
+    objs = render(values)
+    cport, sport, rule, args = http_ports(objs)
+    assert cport == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert sport == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    ]
+    assert rule[0]["from"] == peers
+    assert args == ["--http-port=8000"]
+    ns = build_parser().parse_args(expand_args(container(exec_deploy(objs)), configmap(objs)))
+    assert ns.http_port == 8000
+    assert f"http://{RELEASE}-neuron-serve-exec.{NAMESPACE}.svc:8000/v1" in notes(values)
+    # the prep Service and the headless gRPC Service stay gRPC-only
+    assert all(
+        p["name"] != "http" for p in one(objs, "Service", f"{RELEASE}-neuron-serve-prep")["spec"]["ports"]
+    )
+    for o in objs:
+        if o["kind"] not in CRD_KINDS:
+            kv.validate(o, K8S_VERSIONS[-1], strict=True)
+
+    tls = {"exec": {"httpPort": 8443}, "tls": {"enabled": True, "secretName": "certs"}}
+    _, sport, _, _ = http_ports(render(tls))
+    assert sport[0]["appProtocol"] == "https" and "https://" in notes(tls)
 
 
 def test_headless_service_can_be_turned_off():

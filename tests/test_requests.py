@@ -12,9 +12,11 @@ import pytest
 from exec_service.engine import Request, SamplingParams, StoppingCriteria
 from exec_service.engine.limits import EngineLimits, check_request
 from exec_service.requests import (
+    GenerateParams,
     GenerationDefaults,
     Limits,
     RequestError,
+    parse_request,
     to_engine_request,
     tokenize_request,
 )
@@ -171,6 +173,61 @@ def test_request_ids_echo_the_client_and_engine_ids_are_unique() -> None:
 def test_out_of_range_fields_are_refused_naming_the_limit(req, message) -> None:
     got = refused(req)
     assert got.startswith(message), got
+
+
+def test_every_front_shares_one_validation() -> None:
+    """The gRPC proto and a protocol-free GenerateParams (what the HTTP front builds) stating the same
+    request give the same engine request; errors name their field; negative values, which the
+    proto's unsigned fields cannot carry but JSON can, are refused too."""
+    proto = ids_request(
+        sampling__temperature=0.5,
+        sampling__seed=3,
+        stopping__max_new_tokens=9,
+        stopping__min_new_tokens=2,
+        stopping__stop=["x"],
+        stopping__ignore_eos=True,
+        output__logprobs=True,
+        output__top_logprobs=2,
+    )
+    params = GenerateParams(
+        prompt_token_ids=[5, 6, 7],
+        temperature=0.5,
+        seed=3,
+        max_new_tokens=9,
+        min_new_tokens=2,
+        stop=("x",),
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    a = to_engine_request(proto, TOK, LIMITS, GREEDY)
+    b = parse_request(params, TOK, LIMITS, GREEDY)
+    assert (a.engine_request.sampling, a.engine_request.stopping) == (
+        b.engine_request.sampling,
+        b.engine_request.stopping,
+    )
+    assert a.prompt_ids == b.prompt_ids and a.stop_strings == b.stop_strings == ("x",)
+
+    def refused_params(**fields) -> RequestError:
+        with pytest.raises(RequestError) as e:
+            parse_request(GenerateParams(prompt="a b", **fields), TOK, LIMITS, GREEDY)
+        return e.value
+
+    e = refused_params(temperature=500.0)
+    assert e.field == "sampling.temperature" and e.message.startswith("sampling.temperature must be")
+    assert refused_params(max_new_tokens=999).field == "stopping.max_new_tokens"
+    assert refused_params(stop=["x"] * 17).field == "stopping.stop"
+    assert refused_params(top_logprobs=2).field == "output.top_logprobs"
+    for fields, message in [
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"seed": -1}, "seed must be in [0, 2**63)"),
+        ({"min_new_tokens": -1}, "min_new_tokens must be >= 0"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids must be >= 0"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs must be >= 0"),
+    ]:
+        assert refused_params(**fields).message.startswith(message), fields
+    with pytest.raises(RequestError, match="prompt_token_ids must be >= 0"):
+        parse_request(GenerateParams(prompt_token_ids=[3, -1]), TOK, LIMITS, GREEDY)
 
 
 def test_chat_messages_are_checked() -> None:

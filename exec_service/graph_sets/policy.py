@@ -115,7 +115,11 @@ def choose(mode: str, artifact: Artifact, config: RuntimeConfig, store_uri: str 
             raise RuntimeError(f"neuron-serve compile finished but {graph_set_uri(store, key)} is not there")
         origin = COMPILED_HERE
     directory = fetch(store, manifest)
-    graphs = CompiledGraphs(key, str(directory), manifest.compiled_names)
+    # neuron: a graph the set does not hold would compile at start (minutes per graph): ``required``
+    # refuses that too, naming the graph (``CompiledGraphs.check_loaded``)
+    graphs = CompiledGraphs(
+        key, str(directory), manifest.compiled_names, manifest.backend, strict=mode == "required"
+    )
     log.info(
         "graph set %s (%s): %d graphs, %d compiled", key, origin, len(manifest.graphs), len(graphs.compiled)
     )

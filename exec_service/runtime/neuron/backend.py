@@ -84,6 +84,7 @@ def init_rank_groups(store, rank: int, tp: int):
 
     from exec_service.runtime.executor import gloo_group
 
+    sdk.require_sdk()  # importing torch_neuronx registers the device and the "neuron" backend
     dist.init_process_group("neuron", store=dist.PrefixStore("neuron", store), rank=rank, world_size=tp)
     graph_group = dist.group.WORLD
     c10d = torch._C._distributed_c10d

@@ -189,6 +189,7 @@ class _CountingBackend(CpuBackend):
     """A cpu backend that warms up at start (as neuron does) and counts what the runner asks."""
 
     warm_up_at_start = True
+    compiles_every_graph = True
 
     def __init__(self) -> None:
         super().__init__(compile=True)
@@ -211,9 +212,7 @@ class _CountingBackend(CpuBackend):
 
 def test_the_runner_warms_every_graph_up_then_serves() -> None:
     src = source_from_hf(tiny_hf(seed=4))
-    cfg = RuntimeConfig(
-        max_batch_size=2, max_seq_len=32, context_buckets=(16,), compile=True, cpu_linear="aten"
-    )
+    cfg = RuntimeConfig(max_batch_size=2, max_seq_len=32, context_buckets=(16,), cpu_linear="aten")
     backend = _CountingBackend()
     runner = Runner(src.arch, src.target, src.load(0), cfg, backend=backend)
     names = [s.name for s in cfg.graph_specs()]

@@ -25,6 +25,8 @@ class Backend(Protocol):
     # every graph is compiled (or loaded) and called once when the runner starts, not at its first
     # step (neuron: no compile may happen while serving)
     warm_up_at_start: bool
+    # every graph runs compiled whatever ``RuntimeConfig.compile`` says (neuron: no eager path)
+    compiles_every_graph: bool
 
     def prepare(self, graph: StepGraph) -> GraphFn: ...
 
@@ -59,6 +61,7 @@ class BackendUnavailable(RuntimeError):
 class CpuBackend:
     name = "cpu"
     warm_up_at_start = False
+    compiles_every_graph = False
 
     def __init__(self, compile: bool = False) -> None:
         self.compile = compile

@@ -156,7 +156,9 @@ class Runner:
 
     def runs_compiled(self, spec: GraphSpec) -> bool:
         graphs = self.config.graphs
-        return graphs.runs_compiled(spec.name) if graphs is not None else self.config.compile
+        if graphs is not None:
+            return graphs.runs_compiled(spec.name)
+        return self.config.compile or self.backend.compiles_every_graph
 
     def fn(self, spec: GraphSpec) -> GraphFn:
         if spec not in self.graphs:

@@ -58,10 +58,10 @@ def compile_graph(graph: StepGraph):
 class NeuronBackend:
     name = "neuron"
     warm_up_at_start = True
+    compiles_every_graph = True  # op-by-op eager on the device is not a serving path
 
     def __init__(self, compile: bool = True) -> None:
-        # ``compile`` is accepted for the common signature: on Neuron every graph is compiled (eager
-        # op-by-op execution on the device is not a serving path)
+        # ``compile`` is accepted for the common signature: on Neuron every graph is compiled
         sdk.require_sdk()  # BackendUnavailable naming the SDK
         self.device = torch.device(DEVICE)
 

@@ -43,6 +43,7 @@ class TraceBackend:
 
     name = "neuron"
     warm_up_at_start = False
+    compiles_every_graph = False
     device = torch.device("cpu")
 
     def prepare(self, graph: StepGraph) -> StepGraph:

@@ -17,8 +17,10 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ pytest.importorskip(
 
 from exec_service.model.collectives import GROUP_NAME
 from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, make_mask
-from exec_service.runtime.neuron.capture import capture
+from exec_service.runtime.neuron.capture import CapturedGraph, capture
 from exec_service.runtime.neuron.collective_legalize import CollectiveError
 from exec_service.runtime.neuron.lowering import LoweredGraph, LoweringError, lower
 from exec_service.runtime.neuron.op_allowlist import ALLOWED, violations
@@ -224,10 +226,18 @@ def _step(spec: GraphSpec, ids: list[int], start: int) -> StepInputs:
     )
 
 
-def test_second_call_of_a_captured_graph_reads_what_the_first_wrote() -> None:
-    """Prefill through the captured context graph, then decode through the captured greedy graph:
-    the same tokens as eager. Without the write-back of the aliased outputs (what the device does by
-    reusing the input buffer), decoding reads an empty cache and the tokens differ."""
+@dataclass
+class Chain:
+    """A prompt prefilled by the context graph, then 4 tokens decoded by the greedy graph (tp 1)."""
+
+    runner: Runner  # whose buffers the captured graphs read and write
+    graphs: dict[GraphSpec, CapturedGraph]
+    steps: list[tuple[GraphSpec, StepInputs]]  # fed the eager tokens
+    eager: list[int]
+
+
+@pytest.fixture(scope="module")
+def chain() -> Chain:
     src = source_from_hf(tiny_hf(seed=11))
     cfg = neuron_config(
         RuntimeConfig(max_batch_size=2, max_seq_len=16, context_buckets=(8,), batch_buckets=(1, 2))
@@ -235,33 +245,87 @@ def test_second_call_of_a_captured_graph_reads_what_the_first_wrote() -> None:
     ctx = GraphSpec(CONTEXT, 1, 8, 16, cfg.max_suppressed_ids)
     tkg = GraphSpec(DECODE, 1, 1, 16, cfg.max_suppressed_ids, greedy=True)
     prompt = [5, 17, 42, 9, 77, 3]
-
-    def generate(run) -> list[int]:
-        tok = int(run(ctx, _step(ctx, prompt, 0))[0])
-        out = [tok]
-        for i in range(4):
-            tok = int(run(tkg, _step(tkg, [tok], len(prompt) + i))[0])
-            out.append(tok)
-        return out
-
     eager = Runner(src.arch, src.target, src.load(0), cfg, backend=TraceBackend())
-    want = generate(lambda spec, inp: eager.run(spec, inp).tokens)
+    steps = [(ctx, _step(ctx, prompt, 0))]
+    tokens = [int(eager.run(ctx, steps[0][1]).tokens[0])]
+    for i in range(4):
+        steps.append((tkg, _step(tkg, [tokens[-1]], len(prompt) + i)))
+        tokens.append(int(eager.run(tkg, steps[-1][1]).tokens[0]))
+    runner = Runner(src.arch, src.target, src.load(0), cfg, backend=TraceBackend())
+    graphs = {
+        spec: capture(runner.graphs[spec], _step(spec, [0], 0).args(spec), spec.name) for spec in (ctx, tkg)
+    }
+    return Chain(runner, graphs, steps, tokens)
 
-    def captured_run(drop_write_back: bool) -> list[int]:
-        runner = Runner(src.arch, src.target, src.load(0), cfg, backend=TraceBackend())
-        graphs = {}
-        for spec in (ctx, tkg):
-            graphs[spec] = capture(runner.graphs[spec], _step(spec, [0], 0).args(spec), spec.name)
-            assert {"cache.k0", "cache.v0", "cache.k1", "cache.v1"} <= set(graphs[spec].mutated)
-            if drop_write_back:
-                graphs[spec].aliases = ()
-        runner.cache.reset()
-        runner.counts.counts.zero_()
+
+def _reset(runner: Runner) -> None:
+    runner.cache.reset()
+    runner.counts.counts.zero_()
+
+
+def test_second_call_of_a_captured_graph_reads_what_the_first_wrote(chain: Chain) -> None:
+    """Prefill through the captured context graph, then decode through the captured greedy graph:
+    the same tokens as eager. Without the write-back of the aliased outputs (what the device does by
+    reusing the input buffer), decoding reads an empty cache and the tokens differ."""
+    for g in chain.graphs.values():
+        assert {"cache.k0", "cache.v0", "cache.k1", "cache.v1"} <= set(g.mutated)
+
+    def run() -> list[int]:
+        _reset(chain.runner)
         with torch.no_grad():
-            return generate(lambda spec, inp: graphs[spec].compiled(*inp.args(spec))[0])
+            return [int(chain.graphs[spec].compiled(*inp.args(spec))[0][0]) for spec, inp in chain.steps]
 
-    assert captured_run(drop_write_back=False) == want
-    assert captured_run(drop_write_back=True) != want  # the test sees a lost cache write
+    assert run() == chain.eager
+    saved = {spec: g.aliases for spec, g in chain.graphs.items()}
+    try:
+        for g in chain.graphs.values():
+            g.aliases = ()
+        assert run() != chain.eager  # the test sees a lost cache write
+    finally:
+        for spec, g in chain.graphs.items():
+            g.aliases = saved[spec]
+
+
+def test_lowered_stablehlo_runs_on_xla_and_is_token_exact(chain: Chain, tmp_path) -> None:
+    """The StableHLO itself, run on XLA's CPU backend (jaxlib, in a subprocess), each step's cache
+    taken from the previous step's aliased outputs: the eager tokens. Without that write-back they
+    differ."""
+    pytest.importorskip("jax", reason="jax runs the StableHLO on XLA's CPU backend")
+    _reset(chain.runner)
+    meta: dict = {"graphs": {}, "steps": [spec.name for spec, _ in chain.steps]}
+    arrays = {}
+    graph = next(iter(chain.graphs))
+    module = chain.runner.graphs[graph]
+    for spec, captured in chain.graphs.items():
+        lowered = lower(captured)
+        (tmp_path / f"{spec.name}.mlir").write_text(lowered.text)
+        names = [i.name for i in lowered.inputs]
+        meta["graphs"][spec.name] = {"inputs": names, "aliases": lowered.aliases}
+        for name in names:
+            if "." in name:  # a parameter or buffer of the step graph (model.*, cache.*, counts.*)
+                t = (
+                    module.get_parameter(name)
+                    if name in dict(module.named_parameters())
+                    else module.get_buffer(name)
+                )
+                arrays[f"state:{name}"] = t.detach().numpy().copy()
+    for n, (spec, inp) in enumerate(chain.steps):
+        for name in spec.input_names():
+            arrays[f"step{n}:{name}"] = getattr(inp, name).numpy()
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    np.savez(tmp_path / "inputs.npz", **arrays)
+
+    def run(*flags: str) -> list[int]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.xla_stablehlo", str(tmp_path), *flags],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])["tokens"]
+
+    assert run() == chain.eager
+    assert run("--no-write-back") != chain.eager
 
 
 # ---- collectives, errors, the allowlist ----------------------------------------------------------
@@ -361,4 +425,4 @@ def test_allowlist_reasons_and_violations() -> None:
     assert any("torch dialect op torch.aten.mm" in p for p in problems)
     assert any(p.startswith("f64 in the module") for p in problems)
     assert any("cache.k0 is not updated in place" in p for p in problems)
-    assert not any("stablehlo.add" in p for p in problems)
+    assert not any("stablehlo.add is not on the allowlist" in p for p in problems)

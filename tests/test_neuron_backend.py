@@ -217,6 +217,7 @@ def test_the_runner_warms_every_graph_up_then_serves() -> None:
     runner = Runner(src.arch, src.target, src.load(0), cfg, backend=backend)
     names = [s.name for s in cfg.graph_specs()]
     assert backend.prepared == names and backend.calls == names and backend.served == 1
+    assert sorted(runner.warm_up_s) == sorted(names)  # graph sets record each graph's compile time
     assert all(float(b.abs().sum()) == 0 for b in runner.cache.buffers())  # warm-up leaves no state
     assert float(runner.counts.counts.abs().sum()) == 0
 

@@ -5,6 +5,7 @@ StepOutputs`` converts between the named step I/O and the graph's positional ten
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -151,6 +152,7 @@ class Runner:
             for spec in config.graph_specs()
         }
         self._fns: dict[GraphSpec, GraphFn] = {}
+        self.warm_up_s: dict[str, float] = {}  # graph name -> seconds of its first call at start
         if self.backend.warm_up_at_start:
             self.warm_up()
 
@@ -186,7 +188,9 @@ class Runner:
             if not self.runs_compiled(spec):
                 continue
             before = graphs.compiled_state() if graphs is not None else None
+            t = time.perf_counter()
             self.fn(spec)(*self.backend.place(example_step(spec).args(spec)))
+            self.warm_up_s[spec.name] = time.perf_counter() - t  # its compile, or its load
             if graphs is not None:
                 graphs.check_loaded(spec.name, before)
         self.cache.reset()

@@ -384,6 +384,22 @@ def _scatter_reduce_suppress(x, suppress_ids, vocab_offset):
     return x.scatter_reduce_(1, local, val, "amin")
 
 
+def test_suppression_without_scatter_reduce_is_the_same_function() -> None:
+    """``sampling.suppress_`` (a plain scatter, lowerable) equals the scatter_reduce formulation it
+    replaced, including duplicate ids, ids of other ranks' shards and -1 paddings."""
+    from exec_service.runtime.sampling import suppress_
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        b, v, m = 3, 7, 5
+        offset = torch.tensor([int(torch.randint(0, 3, (), generator=g)) * v])
+        ids = torch.randint(-1, 3 * v, (b, m), generator=g)
+        x = torch.randn(b, v, generator=g)
+        assert torch.equal(
+            suppress_(x.clone(), ids, offset), _scatter_reduce_suppress(x.clone(), ids, offset)
+        )
+
+
 def test_cli_exits_1_naming_each_graph_and_op_that_does_not_lower(tmp_path, monkeypatch, capsys) -> None:
     from exec_service.graph_sets import cli as compile_cli
     from exec_service.runtime import sampling

@@ -172,6 +172,14 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
             parser.error(f"{flag}: {value} is out of range")
     if args.grace_period < 0:
         parser.error(f"--grace-period: must be >= 0, got {args.grace_period}")
+    if args.device == "neuron":  # rank 0's NeuronCore and caches, before anything imports torch
+        from exec_service.runtime.neuron import sdk
+
+        try:
+            sdk.apply(sdk.from_environ().for_rank(0, 1, sdk.container_cores()))
+        except sdk.NeuronConfigError as e:
+            print(f"error: --device neuron: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     from exec_service.server import LoadFailed, ServeConfig, serve
     from shared.grpc_util import ServerSecurity, setup_logging

@@ -277,6 +277,7 @@ def test_every_ci_values_file_is_a_tested_profile():
         # bad enums / patterns
         ({"exec": {"profile": "tpu"}}, "/exec/profile"),
         ({"exec": {"accelerators": {"gpu": {"resourceName": "amd.com/gpu"}}}}, "resourceName"),
+        ({"exec": {"accelerators": {"neuron": {"target": "inf2"}}}}, "target"),
         ({"prepareJob": {"models": [{"source": "x", "dtype": "int8"}]}}, "dtype"),
         ({"prepareJob": {"models": [{"source": "x", "quantize": "int4"}]}}, "quantize"),
         ({"prepareJob": {"models": [{"tp": 2}]}}, "source"),
@@ -544,7 +545,7 @@ def test_caches_point_at_writable_mounts():
         "XDG_CACHE_HOME",
         "HF_HOME",
         "TORCHINDUCTOR_CACHE_DIR",
-        "NEURON_COMPILE_CACHE_URL",
+        "TORCH_NEURONX_NEFF_CACHE_DIR",
     ):
         assert cm[key].startswith(("/tmp", "/var/cache/neuron-serve")), key
 
@@ -555,7 +556,7 @@ def test_caches_point_at_writable_mounts():
 @pytest.mark.parametrize(
     ("profile", "resource", "count", "device"),
     [
-        ("default", "aws.amazon.com/neuron", 1, "neuron"),
+        ("default", "aws.amazon.com/neuroncore", 1, "neuron"),
         ("neuron", "aws.amazon.com/neuroncore", 2, "neuron"),
         ("gpu", "nvidia.com/gpu", 2, "cuda"),
         ("cpu", None, 0, "cpu"),
@@ -591,7 +592,8 @@ def test_neuron_profile_targets_neuron_nodes():
         "nodeSelectorTerms"
     ]
     types = terms[0]["matchExpressions"][0]["values"]
-    assert all(t.startswith(("inf2.", "trn1.", "trn1n.", "trn2.")) for t in types)
+    # TorchNeuron supports Trn2 and Trn3 only (no Inferentia2 / Trn1)
+    assert types and all(t.startswith(("trn2.", "trn2u.", "trn3")) for t in types)
     assert {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"} in spec[
         "tolerations"
     ]
@@ -618,6 +620,49 @@ def test_neuron_accelerator_count_follows_tp(tp, resource, cores, expected):
     assert int(res["limits"][resource]) == expected
 
 
+def test_neuron_profile_runs_torchneuron_one_rank_per_core():
+    """The neuron profile: one NeuronCore per TP rank (exec-server starts a rank process per core),
+    TorchNeuron's NEFF cache on the writable cache volume (the graph set is restored into it at
+    start), NEURON_CC_FLAGS / the target from values (both part of the graph key), no legacy
+    PyTorch/XLA cache settings."""
+    objs = render({"exec": {"tp": 4, "accelerators": {"neuron": {"ccFlags": "--lnc 2", "target": "trn2"}}}})
+    cm = configmap(objs)
+    res = container(exec_deploy(objs))["resources"]
+    assert (
+        int(res["requests"]["aws.amazon.com/neuroncore"])
+        == 4
+        == int(res["limits"]["aws.amazon.com/neuroncore"])
+    )
+    assert cm["TORCH_NEURONX_NEFF_CACHE_DIR"] == "/var/cache/neuron-serve/neff"
+    assert cm["NEURON_CC_FLAGS"] == "--lnc 2" and cm["NEURON_PLATFORM_TARGET_OVERRIDE"] == "trn2"
+    default = configmap(render_profile("default"))
+    assert default["NEURON_CC_FLAGS"] == "" and "NEURON_PLATFORM_TARGET_OVERRIDE" not in default
+    assert not {k for k in default if k.startswith(("NEURON_COMPILE_CACHE", "XLA_"))}
+
+
+def test_neuron_graph_sets_compile_only_in_the_prepare_job():
+    values = {
+        "exec": {"accelerators": {"neuron": {"target": "trn2"}}},
+        "prepareJob": {
+            "enabled": True,
+            "compileGraphs": True,
+            "image": {"repository": "ghcr.io/neuron-serve/neuron-serve-exec-neuron"},
+            "models": [{"source": "HuggingFaceTB/SmolLM2-135M-Instruct"}],
+        },
+    }
+    objs = render(values)
+    (job,) = find(objs, "Job")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TORCH_NEURONX_COMPILE_ONLY"] == "1"
+    assert json.loads(env["NEURON_SERVE_COMPILE_ARGV"])[:2] == ["--device", "neuron"]
+    assert configmap(objs)["NEURON_PLATFORM_TARGET_OVERRIDE"] == "trn2"
+    # exec pods never run compile-only
+    exec_env = {e["name"] for e in container(exec_deploy(objs))["env"]}
+    assert "TORCH_NEURONX_COMPILE_ONLY" not in exec_env and "TORCH_NEURONX_COMPILE_ONLY" not in configmap(
+        objs
+    )
+
+
 def test_explicit_accelerator_count_and_scheduling_overrides():
     values = {
         "exec": {
@@ -631,7 +676,7 @@ def test_explicit_accelerator_count_and_scheduling_overrides():
         }
     }
     spec = exec_deploy(render(values))["spec"]["template"]["spec"]
-    assert spec["containers"][0]["resources"]["limits"]["aws.amazon.com/neuron"] == 3
+    assert spec["containers"][0]["resources"]["limits"]["aws.amazon.com/neuroncore"] == 3
     assert spec["nodeSelector"] == {"karpenter.sh/nodepool": "inf2"}
     assert [t["key"] for t in spec["tolerations"]] == ["aws.amazon.com/neuron", "dedicated"]
     assert spec["affinity"] == {"podAntiAffinity": {}}

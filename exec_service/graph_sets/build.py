@@ -6,7 +6,10 @@ library built — and belongs to these graphs only. Every rank compiles (tp > 1:
 the same graphs, meeting the same collectives); rank 0's caches are captured, which serve every
 rank because every rank's graph is the same program (DESIGN §5: the rank is a tensor).
 
-With ``prefer="fastest"`` (tp = 1) every graph is then timed, compiled and eager interleaved, in a
+neuron: the same loop on TorchNeuron (every rank process on its NeuronCore, or compile-only on a
+CPU host with the SDK), from an empty NEFF cache directory, whose NEFFs the graph set carries.
+
+With ``prefer="fastest"`` (tp = 1, cpu) every graph is then timed, compiled and eager interleaved, in a
 fresh process that loads the captured files as a server would (``timing``), and ``run = "eager"``
 is recorded for a graph whose eager path measured clearly faster (by more than ``1 -
 EAGER_MARGIN``), so loading a graph set does not make a step slower.
@@ -30,7 +33,14 @@ from exec_service.artifact import Artifact
 from exec_service.graph_sets.key import graph_key, key_inputs
 from exec_service.graph_sets.manifest import GraphEntry, GraphSetManifest
 from exec_service.graph_sets.store import file_entries
-from exec_service.runtime.compiled import COMPILED, EAGER, capture, inductor_cache_dir
+from exec_service.runtime.compiled import (
+    COMPILED,
+    EAGER,
+    capture,
+    inductor_cache_dir,
+    neff_cache_dir,
+    neff_files,
+)
 from exec_service.runtime.executor import LocalExecutor, TPExecutor
 from exec_service.runtime.graphs import GraphSpec, example_step
 from exec_service.runtime.runner import RuntimeConfig
@@ -62,12 +72,19 @@ def build(
 ) -> Built:
     if prefer not in PREFER:
         raise ValueError(f"prefer must be one of {', '.join(PREFER)}, got {prefer!r}")
-    cache = inductor_cache_dir()
-    if any((cache / d).exists() for d in ("fxgraph", "aotautograd")):  # (ISA probes may be there)
-        raise RuntimeError(
-            f"graph sets are compiled from an empty Inductor cache directory, and {cache} already holds "
-            "compiled graphs (run the build as its own process: neuron-serve compile)"
-        )
+    if config.backend == "neuron":
+        if neff_files():
+            raise RuntimeError(
+                f"neuron graph sets are compiled from an empty NEFF cache directory, and {neff_cache_dir()} "
+                "already holds NEFFs (run the build as its own process: neuron-serve compile)"
+            )
+    else:
+        cache = inductor_cache_dir()
+        if any((cache / d).exists() for d in ("fxgraph", "aotautograd")):  # (ISA probes may be there)
+            raise RuntimeError(
+                f"graph sets are compiled from an empty Inductor cache directory, and {cache} already "
+                "holds compiled graphs (run the build as its own process: neuron-serve compile)"
+            )
     emit = progress or (lambda event: None)
     cfg = dataclasses.replace(config, compile=True, graphs=None)
     key, inputs = config_key(artifact, cfg)
@@ -81,7 +98,9 @@ def build(
             emit({"event": "graph", "index": i, "total": len(specs), "name": spec.name, "state": "compiling"})
             t = time.perf_counter()
             executor.run(spec, example_step(spec))  # compiles (every rank)
-            compile_s[spec.name] = round(time.perf_counter() - t, 2)
+            # neuron: the runner compiled every graph at its start (warm-up); count that time
+            warm = executor.runner.warm_up_s.get(spec.name, 0.0)
+            compile_s[spec.name] = round(time.perf_counter() - t + warm, 2)
             emit(
                 {
                     "event": "graph",
@@ -94,12 +113,13 @@ def build(
             )
         out = Path(directory or tempfile.mkdtemp(prefix=f"neuron-serve-graphset-{key[:8]}-"))
         out.mkdir(parents=True, exist_ok=True)
-        capture(out)
+        capture(out, cfg.backend)
     finally:
         executor.close()
     files = file_entries(out)
     times: dict[str, tuple[float, float]] = {}
-    if prefer == "fastest" and artifact.target.tp_degree == 1:
+    # eager vs compiled timing is a cpu question (neuron has no eager serving path)
+    if prefer == "fastest" and artifact.target.tp_degree == 1 and cfg.backend == "cpu":
         emit({"event": "timing", "total": len(specs)})
         times = _time_in_fresh_process(artifact, cfg, key, out, specs)
     entries = []

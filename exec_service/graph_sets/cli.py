@@ -4,6 +4,13 @@ Compiles every graph of the serving-shape set and publishes the graph set; the g
 the last stdout line, progress per graph goes to stderr (``--progress json``: one JSON object per
 line, for the prep service's ``CompileGraphs`` and other batch drivers). Exit 0: published (or
 already there); 2: a bad input (named); 1: the compile or the store failed.
+
+``--device neuron`` runs TorchNeuron (a Trn host, or compile-only on a CPU host with the SDK:
+``TORCH_NEURONX_COMPILE_ONLY=1 NEURON_PLATFORM_TARGET_OVERRIDE=trn2``) from an empty NEFF cache
+directory set before torch is imported. ``--device neuron --stablehlo DIR`` needs no SDK: it lowers
+every graph of every rank to StableHLO (``runtime/neuron/stablehlo_export.py``), writes
+``DIR/rank-{r:05d}/{graph}.mlir`` and ``DIR/report.json`` (its path is the last stdout line), and
+exits 0 only if every graph lowered and passed its checks, else 1 naming each failing graph and op.
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run eager; compiled: every graph runs compiled",
     )
     c.add_argument("--progress", choices=("text", "json"), default="text", help="stderr progress format")
+    c.add_argument(
+        "--stablehlo",
+        default=None,
+        metavar="DIR",
+        help="with --device neuron, without the Neuron SDK: lower every graph of every rank to StableHLO "
+        "(TorchNeuron's front half: Dynamo, AOTAutograd, torch-mlir) into DIR/rank-NNNNN/GRAPH.mlir and "
+        "DIR/report.json instead of compiling and publishing; exit 1 names each graph and op that did not "
+        "lower (needs torch-mlir: pip install 'neuron-serve[stablehlo]')",
+    )
     c.set_defaults(func=cmd_compile, parser=c)
 
 
@@ -76,6 +92,11 @@ class _Reporter:
                 f"{event['name']}: step {event['compiled_ms']:.1f} ms compiled, {event['eager_ms']:.1f} ms "
                 f"eager -> runs {event['run']}"
             )
+        elif kind == "lower-start":
+            msg = f"lowering {event['graphs']} graphs x {event['ranks']} rank(s) to StableHLO (tp={event['tp']})"
+        elif kind == "lowered":
+            state = "ok" if event["ok"] else f"FAILED ({event['op']})"
+            msg = f"rank {event['rank']} {event['graph']}: {state} in {event['seconds']:.1f} s"
         elif kind == "exists":
             msg = f"graph set {event['key']} exists: {event['uri']}"
         elif kind == "published":
@@ -90,9 +111,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     parser: argparse.ArgumentParser = args.parser
     shape = serving_shape_from_args(args, parser)  # exit 2 naming the flag
-    from exec_service.runtime.compiled import fresh_cache_dir
+    if args.stablehlo is not None:
+        if args.device != "neuron":
+            parser.error("--stablehlo: lowers the graphs of --device neuron (TorchNeuron's compiler input)")
+        return _cmd_stablehlo(args, shape)
+    from exec_service.runtime.compiled import fresh_cache_dir, fresh_neff_cache_dir
 
     fresh_cache_dir()  # before torch compiles anything here: the build captures all of it
+    if args.device == "neuron":  # before torch is imported: TorchNeuron reads its variables then
+        from exec_service.runtime.neuron import sdk
+
+        fresh_neff_cache_dir()
+        try:
+            sdk.apply(sdk.from_environ().for_rank(0, 1, sdk.container_cores()))
+        except sdk.NeuronConfigError as e:
+            print(f"error: --device neuron: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     from exec_service.artifact import ArtifactError, open_artifact
     from exec_service.graph_sets.build import build, config_key
@@ -139,3 +173,39 @@ def cmd_compile(args: argparse.Namespace) -> int:
     report({"event": "published", "uri": uri, "files": len(built.manifest.files), "bytes": size})
     print(uri)
     return EXIT_OK
+
+
+def _cmd_stablehlo(args: argparse.Namespace, shape) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("torch_mlir") is None:
+        print(
+            "error: --stablehlo needs torch-mlir (pip install 'neuron-serve[stablehlo]': the torch-mlir "
+            "20261001 wheel, Python 3.11)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    from exec_service.artifact import ArtifactError, open_artifact
+    from exec_service.runtime.neuron.stablehlo_export import REPORT, export
+    from exec_service.runtime.runner import RuntimeConfig
+
+    report = _Reporter(args.progress)
+    try:
+        artifact = open_artifact(args.manifest)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = Path(args.stablehlo)
+
+    def progress(event: dict) -> None:
+        kind = {"start": "lower-start", "graph": "lowered"}[event["event"]]
+        report({**event, "event": kind})
+
+    result = export(artifact, RuntimeConfig(**shape.fields(), backend="neuron"), out, progress)
+    for g in result["graphs"]:
+        if not g["ok"]:
+            why = g["error"] or "; ".join(g["violations"])
+            print(f"error: rank {g['rank']} graph {g['graph']}: {g['op'] or 'check'}: {why}", file=sys.stderr)
+    print(out / REPORT)
+    return EXIT_OK if result["ok"] else EXIT_ERROR

@@ -9,8 +9,10 @@ It is computed from (and ``graphs.json`` records in clear):
 * ``backend``: its name and every runtime option that changes a graph's code;
 * ``versions``: torch, Python, and a digest of this package's model + runtime sources (the code
   the graphs are traced from);
-* ``device_target``: the CPU's vector ISA as Inductor picks it (cpu), or the device's name and
-  compute capability (cuda).
+* ``device_target``: the CPU's vector ISA as Inductor picks it (cpu), the device's name and
+  compute capability (cuda), or the Neuron target (trn2 / trn3), ``NEURON_CC_FLAGS`` and the
+  torch-neuronx, neuronx-cc and Neuron runtime versions (neuron: TorchNeuron's NEFF cache keys on
+  the StableHLO, target and flags but not on the compiler version, so this key does).
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def device_target(backend: str) -> dict[str, str]:
+def device_target(backend: str) -> dict[str, str | None]:
+    if backend == "neuron":
+        from exec_service.runtime.neuron.sdk import device_target as neuron_target
+
+        return neuron_target()
     import torch
 
     if backend == "cuda":

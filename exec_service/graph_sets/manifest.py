@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from exec_service.graph_sets.key import graph_key
-from exec_service.runtime.compiled import COMPILED, EAGER, GRAPH_FILES
+from exec_service.runtime.compiled import COMPILED, EAGER, graph_files
 from exec_service.runtime.graphs import GraphSpec
 from exec_service.runtime.step_io import INPUTS
 from shared.manifest import FileEntry
@@ -70,6 +70,12 @@ class GraphSetManifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def backend(self) -> str:
+        """The backend the set was built for (its required files depend on it)."""
+        backend = self.key_inputs.get("backend")
+        return backend.get("name", "cpu") if isinstance(backend, dict) else "cpu"
+
+    @property
     def compiled_names(self) -> frozenset[str]:
         return frozenset(g.name for g in self.graphs if g.run == COMPILED)
 
@@ -114,7 +120,7 @@ class GraphSetManifest:
                     f"{what}: graph {g.name}: run must be {COMPILED!r} or {EAGER!r}, got {g.run!r}"
                 )
         have = {f.path for f in m.files}
-        missing = [p for p in GRAPH_FILES if p not in have]
+        missing = [p for p in graph_files(m.backend) if p not in have]
         if missing:
             raise GraphSetError(f"{what}: lists no {', '.join(missing)}")
         return m

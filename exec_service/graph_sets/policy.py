@@ -1,7 +1,8 @@
 """The exec server's ``--graphs`` modes: which graphs a starting server runs, and from where.
 
 * ``auto`` (default): the graph set of this model's key when the store has it, else eager (cpu,
-  cuda; logged, with the command that builds one);
+  cuda; logged, with the command that builds one) — neuron has no eager path: each graph is
+  compiled at start;
 * ``required``: the graph set or nothing — a missing one is a permanent load failure naming the key
   and the ``neuron-serve compile`` command (the production setting: no pod compiles);
 * ``compile``: on a miss, build it (``neuron-serve compile`` as a child process: a fresh compiler
@@ -104,6 +105,14 @@ def choose(mode: str, artifact: Artifact, config: RuntimeConfig, store_uri: str 
                 f"build it with: {shlex.join(command)}"
             )
         if mode == "auto":
+            if config.backend == "neuron":  # no eager path: TorchNeuron compiles each graph at start
+                log.info(
+                    "no graph set %s in %s: every graph compiles at start (build one with: %s)",
+                    key,
+                    root,
+                    shlex.join(command),
+                )
+                return GraphChoice(key, COMPILED_HERE, len(config.graph_specs()))
             log.info(
                 "no graph set %s in %s: running eager (build one with: %s)", key, root, shlex.join(command)
             )
@@ -115,7 +124,11 @@ def choose(mode: str, artifact: Artifact, config: RuntimeConfig, store_uri: str 
             raise RuntimeError(f"neuron-serve compile finished but {graph_set_uri(store, key)} is not there")
         origin = COMPILED_HERE
     directory = fetch(store, manifest)
-    graphs = CompiledGraphs(key, str(directory), manifest.compiled_names)
+    # neuron: a graph the set does not hold would compile at start (minutes per graph): ``required``
+    # refuses that too, naming the graph (``CompiledGraphs.check_loaded``)
+    graphs = CompiledGraphs(
+        key, str(directory), manifest.compiled_names, manifest.backend, strict=mode == "required"
+    )
     log.info(
         "graph set %s (%s): %d graphs, %d compiled", key, origin, len(manifest.graphs), len(graphs.compiled)
     )

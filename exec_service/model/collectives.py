@@ -1,7 +1,7 @@
-"""Collectives used by the parallel layers and the sampler: the one place to swap for NxD mappings.
+"""Collectives used by the parallel layers and the sampler.
 
 At tp == 1 every operation is the identity (and the graphs stay exportable); at tp > 1 they run over
-a torch.distributed process group (gloo on cpu, nccl on cuda). Graph code never asks for the rank:
+a torch.distributed process group (gloo on cpu, nccl on cuda, the ``"neuron"`` group on Neuron). Graph code never asks for the rank:
 rank-dependent values come from the model's ``rank`` tensor (DESIGN §5).
 
 Inside ``torch.compile`` the reductions are ``torch.distributed._functional_collectives`` (the only
@@ -26,9 +26,12 @@ class Collectives:
         self.tp = tp
         self.group = group  # may be bound later (``bind``): layers hold this object, not the group
         self.group_name = GROUP_NAME  # the group's registered name (functional collectives)
+        self.host_group: object | None = None  # broadcasts of host tensors, when not ``group``
 
-    def bind(self, group: object, name: str = GROUP_NAME) -> None:
-        self.group, self.group_name = group, name
+    def bind(self, group: object, name: str = GROUP_NAME, host_group: object | None = None) -> None:
+        """``host_group``: where ``broadcast`` runs when ``group`` cannot carry host tensors (the
+        neuron group moves device tensors; step inputs are broadcast over gloo)."""
+        self.group, self.group_name, self.host_group = group, name, host_group
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Elementwise sum (or max) over ranks; returns a new tensor."""
@@ -67,7 +70,7 @@ class Collectives:
 
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self.group.broadcast([x], opts).wait()
+        (self.host_group or self.group).broadcast([x], opts).wait()
         return x
 
 

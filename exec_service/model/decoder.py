@@ -267,7 +267,9 @@ class DecoderModel(nn.Module):
         chunked = mask
         if self.arch.attention_chunk_size is not None and self.arch.chunked_layers:
             c = self.arch.attention_chunk_size
-            same_chunk = torch.div(j, c, rounding_mode="floor") == torch.div(pos, c, rounding_mode="floor")
+            # key indices and positions are >= 0, where truncation is floor; "trunc" lowers to an
+            # integer division, "floor" to f64 arithmetic (torch-mlir), which Neuron narrows to f32
+            same_chunk = torch.div(j, c, rounding_mode="trunc") == torch.div(pos, c, rounding_mode="trunc")
             chunked = mask & same_chunk
         return mask, chunked
 

@@ -1,14 +1,16 @@
-"""Backends: how a step graph is run.
+"""Backends: how a step graph is run (``Backend``).
 
 * ``cpu``: eager PyTorch, or ``torch.compile`` per static shape (``compile=True``; slow to build here).
 * ``cuda``: the same graphs on ``device="cuda"`` (UNVERIFIED: no GPU on the development machines).
-* ``neuron``: import-guarded stub. The target is TorchNeuron (torch-neuronx 2.13.3.x, ``torch.compile(
-  backend="neuron")``); the backend itself is not written yet (issue 16). NxD is not a target.
+* ``neuron``: TorchNeuron (torch-neuronx 2.13.3.x): ``torch.compile(backend="neuron", fullgraph=True,
+  dynamic=False)`` per graph spec on the ``neuron`` device (``runtime/neuron/backend.py``; imported
+  only when asked for: without ``torch_neuronx`` it raises ``BackendUnavailable`` naming the SDK).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -17,13 +19,33 @@ from exec_service.runtime.graphs import StepGraph
 GraphFn = Callable[..., tuple[torch.Tensor, ...]]
 
 
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    # every graph is compiled (or loaded) and called once when the runner starts, not at its first
+    # step (neuron: no compile may happen while serving)
+    warm_up_at_start: bool
+    # every graph runs compiled whatever ``RuntimeConfig.compile`` says (neuron: no eager path)
+    compiles_every_graph: bool
+
+    def prepare(self, graph: StepGraph) -> GraphFn: ...
+
+    def place(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """A step's inputs (host tensors, ``spec.input_names()`` order) on this backend's device."""
+        ...
+
+    def serving(self) -> None:
+        """Called once every graph has been warmed up (neuron: recompiling becomes an error)."""
+        ...
+
+
 # Every step graph is one more compiled entry of the same code object (StepGraph.forward, guarded on
 # the graph's spec): Dynamo's default limit of 8 entries per code object would refuse the 9th graph
 # of a serving shape ("recompile limit exceeded"); a default shape has dozens.
 MAX_GRAPHS_PER_PROCESS = 4096
 
 
-def _allow_many_graphs() -> None:
+def allow_many_graphs() -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MAX_GRAPHS_PER_PROCESS)
@@ -38,17 +60,25 @@ class BackendUnavailable(RuntimeError):
 
 class CpuBackend:
     name = "cpu"
+    warm_up_at_start = False
+    compiles_every_graph = False
 
     def __init__(self, compile: bool = False) -> None:
         self.compile = compile
         self.device = torch.device("cpu")
+
+    def place(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.device) for t in args)
+
+    def serving(self) -> None:
+        pass
 
     def prepare(self, graph: StepGraph) -> GraphFn:
         """The graph compiled (``compile``: one ``torch.compile`` per static shape, built at its
         first call or found in the compiler caches a graph set filled), else the graph itself."""
         if not self.compile:
             return graph
-        _allow_many_graphs()
+        allow_many_graphs()
         return torch.compile(graph, fullgraph=True, dynamic=False)
 
 
@@ -64,26 +94,18 @@ class CudaBackend(CpuBackend):
         self.device = torch.device("cuda")
 
 
-class NeuronBackend:
-    name = "neuron"
+def _neuron(compile: bool = True) -> Backend:
+    from exec_service.runtime.neuron.backend import NeuronBackend  # imports torch_neuronx, guarded
 
-    def __init__(self, compile: bool = True) -> None:
-        try:
-            __import__("torch_neuronx")
-        except ImportError:
-            raise BackendUnavailable(
-                "backend 'neuron' needs the Neuron SDK (TorchNeuron): cannot import torch_neuronx "
-                "(install torch-neuronx 2.13.3.x from AWS's Neuron index on a Trainium/Inferentia host)"
-            ) from None
-        raise NotImplementedError("backend 'neuron': the TorchNeuron backend is not implemented yet")
+    return NeuronBackend(compile)
 
 
-BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend, "neuron": NeuronBackend}
+BACKENDS: dict[str, Callable[[bool], Backend]] = {"cpu": CpuBackend, "cuda": CudaBackend, "neuron": _neuron}
 
 
-def get_backend(name: str, compile: bool = False) -> CpuBackend | NeuronBackend:
+def get_backend(name: str, compile: bool = False) -> Backend:
     try:
-        cls = BACKENDS[name]
+        make = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r} (have {', '.join(BACKENDS)})") from None
-    return cls(compile)
+    return make(compile)

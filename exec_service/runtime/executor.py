@@ -1,7 +1,9 @@
 """Executors run a step graph on every rank.
 
 * ``LocalExecutor``: tp = 1, one ``Runner`` in this process.
-* ``TPExecutor``: tp > 1 on cpu (gloo on 127.0.0.1) — this process is rank 0 and drives: for each
+* ``TPExecutor``: tp > 1 on cpu (gloo on 127.0.0.1) or neuron (the ``"neuron"`` process group for
+  the graphs' collectives, gloo for the broadcast; each worker started with its own NeuronCore in
+  ``NEURON_RT_VISIBLE_CORES``) — this process is rank 0 and drives: for each
   step it broadcasts a header (the op and the whole ``GraphSpec``, every field, so every graph
   variant — e.g. greedy — is carried) and then the step inputs the spec names, packed as one byte
   buffer in ``spec.input_names()`` order; worker processes (``torch.multiprocessing`` spawn, ranks
@@ -93,11 +95,16 @@ def _unpack(spec: GraphSpec, payload: torch.Tensor) -> StepInputs:
     return StepInputs.from_args(spec, args)
 
 
-def _gloo_group(
-    port: int, rank: int, tp: int, is_master: bool, store: object | None = None
+def gloo_group(
+    port: int,
+    rank: int,
+    tp: int,
+    is_master: bool,
+    store: object | None = None,
+    name: str = GROUP_NAME,
 ) -> tuple[object, object]:
-    """A gloo process group registered under ``GROUP_NAME`` in this process (compiled graphs'
-    functional collectives find it by that name); a previous registration is replaced."""
+    """A gloo process group registered under ``name`` in this process (compiled graphs'
+    functional collectives find ``GROUP_NAME`` by that name); a previous registration is replaced."""
     import torch.distributed as dist
 
     if store is None:
@@ -106,11 +113,47 @@ def _gloo_group(
     group = dist.ProcessGroup(store, rank, tp)
     group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
     group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
-    group._set_group_name(GROUP_NAME)
+    group._set_group_name(name)
     with contextlib.suppress(Exception):
-        torch._C._distributed_c10d._unregister_process_group(GROUP_NAME)
-    torch._C._distributed_c10d._register_process_group(GROUP_NAME, group)
+        torch._C._distributed_c10d._unregister_process_group(name)
+    torch._C._distributed_c10d._register_process_group(name, group)
     return group, store
+
+
+def _neuron_groups(port: int, rank: int, tp: int, comm: Collectives, store: object | None = None) -> object:
+    """neuron: the process groups come first (the ``"neuron"`` group must exist before any neuron
+    tensor, i.e. before the runner loads the shard); ``comm`` runs the graphs' collectives on it and
+    broadcasts step inputs on a gloo group."""
+    import torch.distributed as dist
+
+    from exec_service.runtime.neuron.backend import init_rank_groups
+
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", port, tp, is_master=False, timeout=_GLOO_TIMEOUT)
+    graph_group, host_group = init_rank_groups(store, rank, tp)
+    comm.bind(graph_group, host_group=host_group)
+    return store
+
+
+def _rank_environment(rank: int, tp: int) -> dict[str, str]:
+    from exec_service.runtime.neuron import sdk
+
+    return sdk.from_environ().for_rank(rank, tp, sdk.container_cores())
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """``env`` set in ``os.environ`` for the block (a spawned child copies it at start)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -133,14 +176,18 @@ def _worker_main(
     torch.set_num_threads(threads)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     comm = Collectives(tp)
+    neuron = config.backend == "neuron"
     try:
+        if neuron:  # groups first; the runner warms every graph up, meeting rank 0's collectives
+            _store = _neuron_groups(port, rank, tp, comm)
         runner = Runner(source.arch, source.target, source.load(rank), config, comm, rank)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", ""))
-    group, _store = _gloo_group(port, rank, tp, is_master=False)
-    comm.bind(group)
+    if not neuron:
+        group, _store = gloo_group(port, rank, tp, is_master=False)
+        comm.bind(group)
     while True:
         header = comm.broadcast(_header(_OP_STOP))
         if int(header[0]) != _OP_RUN:
@@ -176,10 +223,11 @@ class TPExecutor:
         tp = source.target.tp_degree
         if tp < 2:
             raise ValueError("TPExecutor needs tp >= 2")
-        if config.backend != "cpu":
+        if config.backend not in ("cpu", "neuron"):
             raise NotImplementedError(
                 f"tensor parallelism on backend {config.backend!r} is not implemented here"
             )
+        neuron = config.backend == "neuron"
         self.tp = tp
         self._saved_threads = torch.get_num_threads()
         threads = max(1, (os.cpu_count() or 1) // tp)
@@ -202,12 +250,16 @@ class TPExecutor:
                     daemon=True,
                     name=f"neuron-serve-tp-rank{rank}",
                 )
-                p.start()
+                # neuron: the child's own NeuronCore, set before it first imports torch
+                with _environment(_rank_environment(rank, tp) if neuron else {}):
+                    p.start()
                 child.close()
                 self._procs.append(p)
                 conns.append(parent)
             torch.set_num_threads(threads)
             comm = Collectives(tp)
+            if neuron:
+                _neuron_groups(port, 0, tp, comm, store)
             self.runner = Runner(source.arch, source.target, source.load(0), config, comm)
             deadline = time.monotonic() + start_timeout_s
             for rank, (p, conn) in enumerate(zip(self._procs, conns, strict=True), start=1):
@@ -223,8 +275,10 @@ class TPExecutor:
                 status, detail = conn.recv()
                 if status != "ok":
                     raise RuntimeError(f"TP worker rank {rank} failed to load:\n{detail}")
-            group, self._store = _gloo_group(port, 0, tp, is_master=True, store=store)
-            comm.bind(group)
+            self._store = store
+            if not neuron:
+                group, _ = gloo_group(port, 0, tp, is_master=True, store=store)
+                comm.bind(group)
             self._comm = comm
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._procs, comm, self._alive)

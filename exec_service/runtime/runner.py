@@ -5,6 +5,7 @@ StepOutputs`` converts between the named step I/O and the graph's positional ten
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -14,9 +15,9 @@ from exec_service.model.collectives import SINGLE, Collectives
 from exec_service.model.decoder import DecoderModel
 from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
 from exec_service.model.parallel import INT8_KERNELS, int8pack_available, pack_linears, prepare_int8
-from exec_service.runtime.backends import GraphFn, get_backend
+from exec_service.runtime.backends import Backend, GraphFn, get_backend
 from exec_service.runtime.compiled import CompiledGraphs, install
-from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, graph_set
+from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, example_step, graph_set
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import TokenCounts
 from exec_service.runtime.step_io import StepInputs, StepOutputs
@@ -105,9 +106,11 @@ class Runner:
         config: RuntimeConfig,
         comm: Collectives = SINGLE,
         rank: int = 0,
+        backend: Backend | None = None,
     ) -> None:
         """``state``: this rank's shard (canonical names + ``rank``); ``rank`` is what the caller
-        expects it to be (a shard of another rank is refused)."""
+        expects it to be (a shard of another rank is refused). ``backend``: runs the graphs
+        instead of ``config.backend``'s (the StableHLO lowering traces neuron graphs on cpu)."""
         self.arch, self.target, self.config = arch, target, config
         if "rank" in state and state["rank"].numel() == 1 and int(state["rank"].reshape(-1)[0]) != rank:
             raise ShardLoadError(
@@ -115,7 +118,7 @@ class Runner:
             )
         if config.graphs is not None:
             install(config.graphs)  # this rank's process: the compiler caches, before any compile
-        self.backend = get_backend(config.backend, config.compile or config.graphs is not None)
+        self.backend = backend or get_backend(config.backend, config.compile or config.graphs is not None)
         device = self.backend.device
         dtype = torch_dtype(target.dtype)
         model = DecoderModel(arch, target, dtype, comm)
@@ -149,10 +152,15 @@ class Runner:
             for spec in config.graph_specs()
         }
         self._fns: dict[GraphSpec, GraphFn] = {}
+        self.warm_up_s: dict[str, float] = {}  # graph name -> seconds of its first call at start
+        if self.backend.warm_up_at_start:
+            self.warm_up()
 
     def runs_compiled(self, spec: GraphSpec) -> bool:
         graphs = self.config.graphs
-        return graphs.runs_compiled(spec.name) if graphs is not None else self.config.compile
+        if graphs is not None:
+            return graphs.runs_compiled(spec.name)
+        return self.config.compile or self.backend.compiles_every_graph
 
     def fn(self, spec: GraphSpec) -> GraphFn:
         if spec not in self.graphs:
@@ -166,4 +174,25 @@ class Runner:
     def run(self, spec: GraphSpec, inputs: StepInputs) -> StepOutputs:
         args = inputs.args(spec)  # checked against the spec, in its argument order
         fn = self.fn(spec)
-        return StepOutputs.from_graph(self.graphs[spec].output_names, fn(*(t.to(self.device) for t in args)))
+        return StepOutputs.from_graph(self.graphs[spec].output_names, fn(*self.backend.place(args)))
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Every graph of the serving shape compiled (or loaded from the graph set's caches) and
+        called once, in ``graph_specs()`` order — the same on every rank, which meet the same
+        collectives — then the cache and the counts cleared and the backend told it is serving
+        (neuron: a recompile is an error from here on). A graph set's ``check_loaded`` callback
+        names a graph that had to be compiled (``--graphs required`` refuses to start then)."""
+        graphs = self.config.graphs
+        for spec in self.config.graph_specs():
+            if not self.runs_compiled(spec):
+                continue
+            before = graphs.compiled_state() if graphs is not None else None
+            t = time.perf_counter()
+            self.fn(spec)(*self.backend.place(example_step(spec).args(spec)))
+            self.warm_up_s[spec.name] = time.perf_counter() - t  # its compile, or its load
+            if graphs is not None:
+                graphs.check_loaded(spec.name, before)
+        self.cache.reset()
+        self.counts.counts.zero_()
+        self.backend.serving()

@@ -79,13 +79,20 @@ class SampleOutput:
 
 def suppress_(x: torch.Tensor, suppress_ids: torch.Tensor, vocab_offset: torch.Tensor) -> torch.Tensor:
     """Set x[b, id] = -inf in place for the [B, M] global ids of this rank's shard (-1 = none).
-    One scatter of M values per row (no [B, V] mask): an id outside the shard scatters +inf at
-    column 0 under "amin", which leaves that entry as it was."""
-    local = suppress_ids - vocab_offset
+
+    One plain scatter of M values per row (no [B, V] mask, and no scatter-reduce: torch-mlir cannot
+    lower ``scatter_reduce`` to StableHLO). An id outside the shard must still write somewhere: it
+    writes to the row's *anchor* column the value every other writer of that column writes — a
+    suppressed column and -inf when the row has one, else column 0 and its own value — so duplicate
+    indices always carry equal values and the scatter's order does not matter."""
+    local = suppress_ids - vocab_offset  # [B, M]
     inside = (local >= 0) & (local < x.shape[-1])
-    local = torch.where(inside, local, torch.zeros_like(local))
-    val = torch.where(inside, float("-inf"), float("inf")).to(x.dtype)  # [B, M]
-    return x.scatter_reduce_(1, local, val, "amin")
+    top = torch.where(inside, local, -1).amax(dim=-1, keepdim=True)  # [B, 1] a suppressed column or -1
+    anchor = top.clamp(min=0)
+    kept = x.gather(1, anchor)  # [B, 1]
+    neg_inf = torch.full_like(kept, float("-inf"))
+    val = torch.where(inside | (top >= 0), neg_inf, kept)  # [B, M]
+    return x.scatter_(1, torch.where(inside, local, anchor), val)
 
 
 def greedy_tokens(

@@ -106,9 +106,11 @@ def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` through oneDNN when ``weight`` has a packed copy (``packed``);
-    in compiled cpu graphs with few rows, as a reduction (``reduction_rows``)."""
-    if reduction_rows(x):
+    """``F.linear(x, weight, bias)`` through oneDNN when ``weight`` has a packed copy (``packed``: the
+    cpu backend's kernels); then in compiled cpu graphs with few rows, as a reduction
+    (``reduction_rows``). Without a packed copy (other backends, Neuron tracing, ``cpu_linear="aten"``)
+    always the plain op."""
+    if packed is not None and reduction_rows(x):
         y = reduction_linear(x, weight)
         return y if bias is None else y + bias
     if packed is None or torch.compiler.is_exporting():  # export / Neuron tracing: the plain op

@@ -53,12 +53,12 @@ def int8_linear(
     * ``dequant`` (cuda, neuron tracing, large prefills, and every other case): the per-output-channel
       scale factors out of the matmul, ``(x q^T) * scale``: one int8 -> x.dtype conversion of the
       weight per call, the GEMM in x's dtype, exact up to that dtype's rounding.
-    * in compiled cpu graphs with at most ``onednn.REDUCTION_MAX_ROWS`` rows (small-batch decode),
-      whatever the kernel: ``(x q^T) * scale`` as one fused reduction loop that reads the int8 bytes
+    * ``int8pack`` in compiled cpu graphs with at most ``onednn.REDUCTION_MAX_ROWS`` rows
+      (small-batch decode): ``(x q^T) * scale`` as one fused reduction loop that reads the int8 bytes
       and converts them in registers (``onednn.reduction_linear``), exact like ``dequant``.
     The static shapes of a graph fix the branch taken (shape-only Python control flow)."""
     rows = x.numel() // x.shape[-1]
-    if reduction_rows(x):
+    if kernel == "int8pack" and reduction_rows(x):
         y = reduction_linear(x, q) * scale.to(x.dtype)
     elif kernel == "int8pack" and rows <= INT8PACK_MAX_ROWS and x.device.type == "cpu":
         y = torch.ops.aten._weight_int8pack_mm(

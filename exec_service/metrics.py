@@ -3,6 +3,7 @@ process, as in tests, never collide on names)."""
 
 from __future__ import annotations
 
+from exec_service.engine.types import SpeculationStats
 from shared import grpc_util
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -50,6 +51,34 @@ class ExecMetrics:
             "complete graph set",
             registry=r,
         )
+
+        # speculation (exec-server --speculation): cumulative engine counters, mirrored each step
+        self.draft_tokens = Counter(
+            "neuron_serve_speculation_draft_tokens", "Draft tokens proposed to the verify graph", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "neuron_serve_speculation_accepted_tokens", "Draft tokens the verify graph accepted", registry=r
+        )
+        self.verified_rows = Counter(
+            "neuron_serve_speculation_verified_rows", "Sequences verified with drafts (per step)", registry=r
+        )
+        self.mean_accepted_length = Gauge(
+            "neuron_serve_speculation_mean_accepted_length",
+            "Tokens a speculating sequence gains per verify step: 1 + accepted / verified rows",
+            registry=r,
+        )
+        self._speculation = SpeculationStats()
+
+    def speculation(self, stats: SpeculationStats) -> None:
+        """The engine's cumulative counters as of this step (counters advance by the difference)."""
+        last = self._speculation
+        if stats == last:
+            return
+        self.draft_tokens.inc(stats.draft_tokens - last.draft_tokens)
+        self.accepted_tokens.inc(stats.accepted_tokens - last.accepted_tokens)
+        self.verified_rows.inc(stats.verified_rows - last.verified_rows)
+        self.mean_accepted_length.set(stats.mean_accepted_length)
+        self._speculation = stats
 
     def reject(self, code) -> None:
         """The error map's hook: every refused or failed RPC, by status code."""

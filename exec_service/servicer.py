@@ -50,6 +50,7 @@ class Serving:
     defaults: GenerationDefaults
     device: str
     graphs: GraphChoice = EAGER_GRAPHS
+    draft_model: str = ""  # the draft model's manifest URI (speculation "draft")
 
 
 class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
@@ -178,6 +179,11 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
             quantization=man.target.quantization or "none",
             manifest_uri=s.artifact.uri,
             graphs=exec_pb2.GraphSetInfo(key=s.graphs.key, origin=s.graphs.origin, count=s.graphs.count),
+            speculation=exec_pb2.SpeculationInfo(
+                method=cfg.speculation,
+                num_speculative_tokens=cfg.num_speculative_tokens,
+                draft_model=s.draft_model,
+            ),
         )
 
     async def wait_idle(self, timeout: float) -> None:

@@ -430,7 +430,11 @@ def test_speculation_values_reach_exec_server_and_the_compiled_graph_set():
     off = expand_args(container(exec_deploy(render({}))), configmap(render({})))
     assert not any(a.startswith(("--speculation", "--draft-model")) for a in off)
     values = {
-        "exec": {"speculation": "draft", "numSpeculativeTokens": 3, "draftModel": "file:///s/d/manifest.json"},
+        "exec": {
+            "speculation": "draft",
+            "numSpeculativeTokens": 3,
+            "draftModel": "file:///s/d/manifest.json",
+        },
         "prepareJob": {"enabled": True, "compileGraphs": True, "models": [{"source": "org/a"}]},
     }
     objs = render(values)

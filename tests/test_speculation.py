@@ -586,7 +586,7 @@ def test_adaptive_fallback_to_token_generation(model, reference) -> None:
     assert toks == reference[2]
     verifies = sum(spec.kind == SPECULATE for spec, _ in ran)
     decodes = sum(spec.kind == DECODE for spec, _ in ran)
-    assert 2 <= verifies <= 8 and decodes >= N - 1 - 2 * verifies
+    assert 2 <= verifies <= N // 4 and decodes >= N // 2
 
 
 # ---- the engine's sampled distribution, exactly --------------------------------------------------------

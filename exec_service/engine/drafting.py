@@ -122,12 +122,15 @@ class AdaptivePolicy:
     """When a row speculates. ``min_accepted``: the average accepted drafts per verify below which
     a verify costs more than it gains (on cpu a k = 4 verify step costs ~1.1-1.5 decode steps);
     ``smoothing``: the weight of the newest verify in that average; a paused row probes again after
-    ``pause_steps``, doubled after each failed probe up to ``max_pause_steps``."""
+    ``pause_steps``, doubled after each failed probe up to ``max_pause_steps``. The costs are
+    lopsided — a failed verify wastes a fraction of a step, a pause during a copy loses up to k
+    tokens per step — so a row gives up slowly (about five failures in a row from the start) and
+    pauses briefly at first."""
 
-    min_accepted: float = 0.5
-    smoothing: float = 0.5
-    pause_steps: int = 8
-    max_pause_steps: int = 256
+    min_accepted: float = 0.3
+    smoothing: float = 0.3
+    pause_steps: int = 4
+    max_pause_steps: int = 64
 
     def __post_init__(self) -> None:
         if not 0 < self.smoothing <= 1 or self.min_accepted < 0 or self.pause_steps < 1:

@@ -712,3 +712,39 @@ def test_tp2_speculation(model, reference) -> None:
         assert [t for t, _ in res.values()] == reference
         stats = two.speculation_stats
         assert stats.accepted_tokens == stats.draft_tokens > 0  # the same weights: p == q
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_verify_graphs_compiled(small_runner) -> None:
+    """Both verify variants under torch.compile(fullgraph, static shapes) — what a graph set holds:
+    the outputs of two consecutive windows equal eager's, so the second call read the K/V the first
+    one wrote in the compiled graph."""
+    src, cfg = small_runner
+    cfg = dataclasses.replace(cfg, return_logits=False, kv_buckets=(32,))
+    eager = Runner(src.arch, src.target, src.load(0), cfg)
+    compiled = Runner(src.arch, src.target, src.load(0), dataclasses.replace(cfg, compile=True))
+    m = cfg.max_suppressed_ids
+    for spec in (
+        GraphSpec(SPECULATE, 1, 4, 32, m, greedy=True),
+        GraphSpec(SPECULATE, 1, 4, 32, m, draft_width=1),
+    ):
+        assert compiled.runs_compiled(spec)
+        for start in (0, 4):  # two windows of one sequence in slot 1: [0..3], then [4..7]
+            inputs = example_step(spec)
+            pos = inputs.positions + start
+            inputs = dataclasses.replace(
+                inputs,
+                input_ids=torch.tensor([[17, 5, 5, 90]]) + start,
+                positions=pos,
+                slots=torch.tensor([1]),
+                mask=make_mask(pos, 32),
+                num_drafts=torch.tensor([2]),
+            )
+            if inputs.params is not None:
+                inputs = dataclasses.replace(
+                    inputs, params=torch.tensor([[0.8, 0, 1, 0, 1.1, 0, 0]]), draws=torch.rand(1, 4)
+                )
+            want, got = eager.run(spec, inputs), compiled.run(spec, inputs)
+            for name in spec.output_names():
+                torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-5)

@@ -505,14 +505,31 @@ class Engine:
         return cap
 
     def _propose(self, running: list[_Seq]) -> dict[int, Proposal]:
-        """Drafts per slot, for the rows that may and (adaptively) want to speculate."""
+        """Drafts per slot, for the rows that may and (adaptively) want to speculate — greedy rows
+        only when the step's gate lets them (``drafting.AdaptivePolicy.verify_cost``)."""
         assert self._drafter is not None
-        asks = []
+        want = []
         for seq in running:
             cap = self._draft_cap(seq)
             if cap < 1 or (seq.adaptive is not None and not seq.adaptive.should_draft()):
                 continue
-            asks.append(DraftRequest(seq.slot, seq.tokens(), cap, seq.request.sampling, seq.generator))
+            want.append((seq, cap))
+        if (
+            self._adaptive is not None
+            and want
+            and all(seq.request.sampling.temperature <= 0 for seq, _ in want)
+        ):
+            # greedy rows only (their tokens do not depend on it): verify when worth it for the batch
+            expected = sum(min(seq.adaptive.expected, cap) for seq, cap in want if seq.adaptive is not None)
+            if expected < self._adaptive.verify_cost * len(running):
+                for seq, _ in want:
+                    if seq.adaptive is not None:
+                        seq.adaptive.gated()
+                return {}
+        asks = [
+            DraftRequest(seq.slot, seq.tokens(), cap, seq.request.sampling, seq.generator)
+            for seq, cap in want
+        ]
         if not asks:
             return {}
         proposals = self._drafter.propose(asks)

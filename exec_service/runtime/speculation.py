@@ -62,7 +62,10 @@ def accepted_prefix(accept: torch.Tensor, num_drafts: torch.Tensor) -> torch.Ten
     (a draft after a rejected or padded one is not accepted)."""
     d = accept.shape[-1]
     real = torch.arange(d, device=accept.device)[None] < num_drafts[:, None]  # [B, D]
-    return torch.cumprod((accept & real).to(torch.int64), dim=-1).sum(dim=-1)
+    # drafts with no failure at or before them (a running count of failures; cumsum, not cumprod:
+    # torch-mlir lowers cumsum to StableHLO, cumprod not)
+    failures = torch.cumsum((~(accept & real)).to(torch.int64), dim=-1)
+    return (failures == 0).sum(dim=-1)
 
 
 def output_tokens(

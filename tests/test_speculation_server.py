@@ -16,6 +16,7 @@ from exec_service.server import ExecServer, LoadFailed, ServeConfig
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from protos import exec_pb2, exec_pb2_grpc
+from shared.shapes import ServingShape
 from tests.test_exec_server import Served, _generate, _ids_req, _run, _tokenizer_dir, _tokens, hf_greedy
 from tests.test_exec_server import make_served_checkpoint as make_checkpoint
 
@@ -152,3 +153,18 @@ def test_cli_speculation_flags() -> None:
         assert e.value.code == 2
     with pytest.raises(ValueError, match="go together"):
         ServeConfig(manifest_uri="m", speculation="draft")
+    # PrepService.CompileGraphs: the speculation shape reaches its `neuron-serve compile` child
+    from prep_service.compile_job import CompileRequest
+    from protos import prep_pb2
+
+    msg = prep_pb2.CompileGraphsRequest(
+        manifest_uri="file:///s/models/a/k/manifest.json",
+        max_seq_len=256,
+        speculation="ngram",
+        num_speculative_tokens=3,
+    )
+    argv = CompileRequest.from_proto(msg).argv()
+    ns = parser.parse_args(argv[argv.index("compile") :])
+    assert serving_shape_from_args(ns, parser) == ServingShape(
+        max_seq_len=256, speculation="ngram", num_speculative_tokens=3
+    )

@@ -636,7 +636,7 @@ def test_engine_sampling_distribution_with_and_without_speculation() -> None:
         def propose(self, rows):
             return [Proposal((greedy_next[r.tokens[-1]],)) for r in rows]
 
-    rows = 1200
+    rows = 800
     cfg = RuntimeConfig(max_batch_size=32, max_seq_len=16, context_buckets=(8,), speculation="ngram",
                         num_speculative_tokens=1, num_candidates=v, cpu_linear="aten")  # fmt: skip
     src = source_from_hf(model)
@@ -689,6 +689,12 @@ def test_int8_self_draft(model, reference, tmp_path) -> None:
         alone = [next(iter(engine.generate([r]).values()))[0] for r in sampled]
         assert together == alone
         assert engine.speculation_stats.accepted_tokens > stats.accepted_tokens  # sampled rows accepted some
+    # an int8 target speculating: the same tokens as without (int8 verify windows up to 64 rows run
+    # the kernel decode uses)
+    with Engine(draft, CONFIG, adaptive=None) as spec, Engine(draft, PLAIN) as plain_int8:
+        want = [t for t, _ in plain_int8.generate([greedy(p, 24) for p in PROMPTS]).values()]
+        assert [t for t, _ in spec.generate([greedy(p, 24) for p in PROMPTS]).values()] == want
+        assert spec.speculation_stats.accepted_tokens > 0
     other = source_from_hf(tiny_hf(seed=2, vocab_size=99))
     with pytest.raises(DraftVocabularyError, match="99 tokens, the target's 101"):
         Engine(source_from_hf(model), cfg, draft_source=other)

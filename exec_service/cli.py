@@ -26,6 +26,8 @@ SHAPE_FLAGS = {
     "context_buckets": "--context-buckets",
     "kv_buckets": "--kv-buckets",
     "batch_buckets": "--batch-buckets",
+    "speculation": "--speculation",
+    "num_speculative_tokens": "--num-speculative-tokens",
 }
 
 
@@ -60,6 +62,21 @@ def add_serving_shape_arguments(p: argparse.ArgumentParser) -> None:
         help="rows per step (decode, batched prefill); the largest must equal --max-batch-size; each "
         "step runs in the smallest that holds its rows (default: powers of two: 8 -> 1,2,4,8)",
     )
+    g.add_argument(
+        "--speculation",
+        choices=("off", "ngram", "draft"),
+        default="off",
+        help="speculative decoding: ngram = drafts by prompt lookup (no model), draft = a draft model "
+        "(--draft-model); each step verifies up to --num-speculative-tokens drafts per sequence in one "
+        "graph, greedy output identical and sampling exact (default off)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=0,
+        metavar="K",
+        help="drafts per sequence and step with --speculation (1..16; default 4)",
+    )
 
 
 def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -68,7 +85,13 @@ def serving_shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentP
 
     try:
         return ServingShape(
-            args.max_batch_size, args.max_seq_len, args.context_buckets, args.kv_buckets, args.batch_buckets
+            args.max_batch_size,
+            args.max_seq_len,
+            args.context_buckets,
+            args.kv_buckets,
+            args.batch_buckets,
+            args.speculation,
+            args.num_speculative_tokens,
         )
     except ShapeError as e:
         parser.error(f"{SHAPE_FLAGS.get(e.field, e.field)}: {e}")
@@ -96,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="compiled step graphs: auto (default) = load this model's graph set from the store if it has "
         "one, else run eager; required = refuse to start without it (production); compile = build and "
         "publish it on a miss (neuron-serve compile), then load it; off = eager",
+    )
+    s.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="MANIFEST_URI",
+        help="the draft model of --speculation draft: a prepared tp-1 artifact with this model's "
+        "tokenizer (e.g. its int8 artifact), served in this process with its own KV cache",
     )
     s.add_argument(
         "--graphs-store",
@@ -172,6 +202,8 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
             parser.error(f"{flag}: {value} is out of range")
     if args.grace_period < 0:
         parser.error(f"--grace-period: must be >= 0, got {args.grace_period}")
+    if (shape.speculation == "draft") != bool(args.draft_model):
+        parser.error("--draft-model: needed by --speculation draft, and only by it")
     if args.device == "neuron":  # rank 0's NeuronCore and caches, before anything imports torch
         from exec_service.runtime.neuron import sdk
 
@@ -202,6 +234,9 @@ def cmd_exec_server(args: argparse.Namespace) -> int:
         context_buckets=shape.context_buckets,
         kv_buckets=shape.kv_buckets,
         batch_buckets=shape.batch_buckets,
+        speculation=shape.speculation,
+        num_speculative_tokens=shape.num_speculative_tokens,
+        draft_model=args.draft_model,
         graphs=args.graphs,
         graphs_store=args.graphs_store,
         metrics_port=args.metrics_port,

@@ -22,9 +22,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from exec_service.engine import Engine, Request, RequestOutput
+from exec_service.engine.types import SpeculationStats
 
 log = logging.getLogger("neuron_serve.exec")
 
@@ -83,6 +84,7 @@ class Counts:
     running: int = 0
     waiting: int = 0
     free_slots: int = 0
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)  # cumulative
 
 
 class EngineLoop:
@@ -224,7 +226,7 @@ class EngineLoop:
 
     def _snapshot(self) -> None:
         e = self.engine
-        self.counts = Counts(e.num_running, e.num_waiting, e.free_slots)
+        self.counts = Counts(e.num_running, e.num_waiting, e.free_slots, e.speculation_stats)
         if self._on_step is not None:
             self._on_step(self.counts)
 

@@ -63,6 +63,7 @@ class Serving:
     defaults: GenerationDefaults
     device: str
     graphs: GraphChoice = EAGER_GRAPHS
+    draft_model: str = ""  # the draft model's manifest URI (speculation "draft")
 
     @property
     def model_name(self) -> str:

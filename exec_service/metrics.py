@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exec_service.engine.types import SpeculationStats
 from shared import grpc_util
 
 PROTOCOLS = ("grpc", "http")
@@ -67,6 +68,33 @@ class ExecMetrics:
 
         self.grpc = ProtocolMetrics(self, "grpc")
         self.http = ProtocolMetrics(self, "http")
+        # speculation (exec-server --speculation): cumulative engine counters, mirrored each step
+        self.draft_tokens = Counter(
+            "neuron_serve_speculation_draft_tokens", "Draft tokens proposed to the verify graph", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "neuron_serve_speculation_accepted_tokens", "Draft tokens the verify graph accepted", registry=r
+        )
+        self.verified_rows = Counter(
+            "neuron_serve_speculation_verified_rows", "Sequences verified with drafts (per step)", registry=r
+        )
+        self.mean_accepted_length = Gauge(
+            "neuron_serve_speculation_mean_accepted_length",
+            "Tokens a speculating sequence gains per verify step: 1 + accepted / verified rows",
+            registry=r,
+        )
+        self._speculation = SpeculationStats()
+
+    def speculation(self, stats: SpeculationStats) -> None:
+        """The engine's cumulative counters as of this step (counters advance by the difference)."""
+        last = self._speculation
+        if stats == last:
+            return
+        self.draft_tokens.inc(stats.draft_tokens - last.draft_tokens)
+        self.accepted_tokens.inc(stats.accepted_tokens - last.accepted_tokens)
+        self.verified_rows.inc(stats.verified_rows - last.verified_rows)
+        self.mean_accepted_length.set(stats.mean_accepted_length)
+        self._speculation = stats
 
     def reject(self, code) -> None:
         """The gRPC error map's hook: every refused or failed RPC, by status code."""

@@ -74,6 +74,9 @@ class ServeConfig:
     batch_buckets: tuple[int, ...] = ()  # () = powers of two up to max_batch_size
     graphs: str = "auto"  # exec_service.graph_sets.policy.MODES
     graphs_store: str | None = None  # where graph sets live (default: the manifest's store)
+    speculation: str = "off"  # shared.shapes.SPECULATION_METHODS
+    num_speculative_tokens: int = 0  # k (0 = the default with speculation on)
+    draft_model: str | None = None  # manifest URI of the draft model (speculation "draft")
     metrics_port: int = 0
     http_port: int | None = None  # the OpenAI-compatible HTTP API: None = off, 0 = any free port
     grace_s: float = 30.0
@@ -89,10 +92,18 @@ class ServeConfig:
             raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {self.graphs!r}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if (self.speculation == "draft") != bool(self.draft_model):
+            raise ValueError("speculation 'draft' and a draft model (--draft-model) go together")
 
     def serving_shape(self) -> ServingShape:
         return ServingShape(
-            self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets, self.batch_buckets
+            self.max_batch_size,
+            self.max_seq_len,
+            self.context_buckets,
+            self.kv_buckets,
+            self.batch_buckets,
+            self.speculation,
+            self.num_speculative_tokens,
         )
 
     def runtime_config(self) -> RuntimeConfig:
@@ -180,7 +191,18 @@ class ExecServer:
         )
         defaults = GenerationDefaults.from_generation_config(artifact.generation_config)
         self.metrics.graphs.labels(graphs.key, graphs.origin).set(graphs.count)
-        self.gateway.serve(Serving(artifact, self.loop, tokenizer, limits, defaults, self.cfg.device, graphs))
+        self.gateway.serve(
+            Serving(
+                artifact,
+                self.loop,
+                tokenizer,
+                limits,
+                defaults,
+                self.cfg.device,
+                graphs,
+                self.cfg.draft_model or "",
+            )
+        )
         self._liveness_task = asyncio.create_task(self._watch_liveness())
         await self.lifecycle.set_ready(True)
         man = artifact.manifest
@@ -209,11 +231,16 @@ class ExecServer:
     def _load(self) -> tuple[Artifact, Engine, object, GraphChoice]:
         artifact = self._artifact or open_artifact(self.cfg.manifest_uri)
         engine = self._engine
+        tokenizer = None
         if engine is None:
             config = self.cfg.runtime_config()
             graphs = choose(self.cfg.graphs, artifact, config, self.cfg.graphs_store)
             config = dataclasses.replace(config, graphs=graphs.graphs)
-            engine = Engine(artifact, config, eos_token_ids=artifact.eos_token_ids)
+            draft = None
+            if self.cfg.draft_model:
+                tokenizer = artifact.load_tokenizer()
+                draft = open_draft_model(self.cfg.draft_model, tokenizer)
+            engine = Engine(artifact, config, eos_token_ids=artifact.eos_token_ids, draft_source=draft)
         else:  # built by the caller (bench): whatever it runs
             graphs = EAGER_GRAPHS
         try:
@@ -234,7 +261,7 @@ class ExecServer:
                     "graph set %s did not hold %d of its graphs: the compiler built them", graphs.key, misses
                 )
             _warm_up(engine)
-            tokenizer = artifact.load_tokenizer()
+            tokenizer = tokenizer or artifact.load_tokenizer()
         except BaseException:
             engine.close()
             raise
@@ -246,6 +273,7 @@ class ExecServer:
         m.running.set(counts.running)
         m.waiting.set(counts.waiting)
         m.free_slots.set(counts.free_slots)
+        m.speculation(counts.speculation)
 
     async def _watch_liveness(self) -> None:
         """Liveness "" mirrors the engine loop: a dead loop makes it NOT_SERVING (pod restarted)."""
@@ -331,6 +359,20 @@ async def in_own_thread(fn: Callable[[], T], name: str) -> T:
     while thread.is_alive():  # its exit frees its OpenMP pool, moments after the result
         await asyncio.sleep(0.005)
     return result
+
+
+def open_draft_model(uri: str, tokenizer) -> Artifact:
+    """The draft model's artifact, refused unless its tokenizer is the target's (same vocabulary:
+    a draft token must mean the same text)."""
+    draft = open_artifact(uri)
+    theirs = draft.load_tokenizer()
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"the draft model {uri} has another tokenizer ({len(theirs.get_vocab())} tokens against the "
+            f"target's {len(tokenizer.get_vocab())}, or the same size with other tokens): a draft model "
+            "must share the target's vocabulary"
+        )
+    return draft
 
 
 def _warm_up(engine: Engine) -> None:

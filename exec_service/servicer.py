@@ -74,4 +74,9 @@ class ExecServicer(exec_pb2_grpc.ExecServiceServicer):
             quantization=man.target.quantization or "none",
             manifest_uri=s.artifact.uri,
             graphs=exec_pb2.GraphSetInfo(key=s.graphs.key, origin=s.graphs.origin, count=s.graphs.count),
+            speculation=exec_pb2.SpeculationInfo(
+                method=cfg.speculation,
+                num_speculative_tokens=cfg.num_speculative_tokens,
+                draft_model=s.draft_model,
+            ),
         )

@@ -64,6 +64,8 @@ class CompileRequest:
                 tuple(sorted(set(msg.context_buckets))),
                 tuple(sorted(set(msg.kv_buckets))),
                 tuple(sorted(set(msg.batch_buckets))),
+                msg.speculation.strip() or "off",
+                msg.num_speculative_tokens,
             )
         except ShapeError as e:
             raise PrepError(f"{e.field}: {e}") from None

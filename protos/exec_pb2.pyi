@@ -217,7 +217,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_bytes: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_request_id_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_waiting_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "revision", "family", "dtype", "tp_degree", "device", "max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "eos_token_ids", "vocab_size", "manifest_digest", "limits", "running_requests", "waiting_requests", "free_slots", "quantization", "manifest_uri", "batch_buckets", "graphs")
+    __slots__ = ("model", "revision", "family", "dtype", "tp_degree", "device", "max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "eos_token_ids", "vocab_size", "manifest_digest", "limits", "running_requests", "waiting_requests", "free_slots", "quantization", "manifest_uri", "batch_buckets", "graphs", "speculation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class ModelInfo(_message.Message):
     MANIFEST_URI_FIELD_NUMBER: _ClassVar[int]
     BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     family: str
@@ -260,7 +261,18 @@ class ModelInfo(_message.Message):
     manifest_uri: str
     batch_buckets: _containers.RepeatedScalarFieldContainer[int]
     graphs: GraphSetInfo
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., dtype: _Optional[str] = ..., tp_degree: _Optional[int] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., context_buckets: _Optional[_Iterable[int]] = ..., kv_buckets: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., quantization: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., graphs: _Optional[_Union[GraphSetInfo, _Mapping]] = ...) -> None: ...
+    speculation: SpeculationInfo
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., dtype: _Optional[str] = ..., tp_degree: _Optional[int] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., context_buckets: _Optional[_Iterable[int]] = ..., kv_buckets: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., manifest_digest: _Optional[str] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_slots: _Optional[int] = ..., quantization: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., graphs: _Optional[_Union[GraphSetInfo, _Mapping]] = ..., speculation: _Optional[_Union[SpeculationInfo, _Mapping]] = ...) -> None: ...
+
+class SpeculationInfo(_message.Message):
+    __slots__ = ("method", "num_speculative_tokens", "draft_model")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    num_speculative_tokens: int
+    draft_model: str
+    def __init__(self, method: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., draft_model: _Optional[str] = ...) -> None: ...
 
 class GraphSetInfo(_message.Message):
     __slots__ = ("key", "origin", "count")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/prep.proto\x12\x13neuronserve.prep.v1\"\xf4\x01\n\x13PrepareModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x11\n\ttp_degree\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x0cgqa_strategy\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x14\n\x0c\x61llow_pickle\x18\x08 \x01(\x08\x12\x0c\n\x04name\x18\t \x01(\t\x12\x10\n\x08quantize\x18\n \x01(\t\x12\x18\n\x10quantize_lm_head\x18\x0b \x01(\x08\x42\x0f\n\r_gqa_strategy\"\xdc\x01\n\x14\x43ompileGraphsRequest\x12\x14\n\x0cmanifest_uri\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x17\n\x0f\x63ontext_buckets\x18\x05 \x03(\r\x12\x12\n\nkv_buckets\x18\x06 \x03(\r\x12\x15\n\rbatch_buckets\x18\x07 \x03(\r\x12\x0e\n\x06output\x18\x08 \x01(\t\x12\r\n\x05\x66orce\x18\t \x01(\x08\x12\x0e\n\x06prefer\x18\n \x01(\t\"\x9a\x01\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x14\n\x0ctensors_done\x18\x04 \x01(\r\x12\x15\n\rtensors_total\x18\x05 \x01(\r\x12\x13\n\x0bgraphs_done\x18\x06 \x01(\r\x12\x14\n\x0cgraphs_total\x18\x07 \x01(\r\"\x99\x04\n\tOperation\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.neuronserve.prep.v1.Operation.State\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1d.neuronserve.prep.v1.Progress\x12\x14\n\x0cmanifest_uri\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x14\n\x0c\x61rtifact_key\x18\x06 \x01(\t\x12\x0e\n\x06reused\x18\x07 \x01(\x08\x12\x39\n\x07request\x18\x08 \x01(\x0b\x32(.neuronserve.prep.v1.PrepareModelRequest\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\x12\x14\n\x0cupdated_unix\x18\n \x01(\x01\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x42\n\x0f\x63ompile_request\x18\x0c \x01(\x0b\x32).neuronserve.prep.v1.CompileGraphsRequest\x12\x15\n\rgraph_set_uri\x18\r \x01(\t\x12\x11\n\tgraph_key\x18\x0e \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"-\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\".\n\x16\x43\x61ncelOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"\x17\n\x15ListOperationsRequest\"L\n\x16ListOperationsResponse\x12\x32\n\noperations\x18\x01 \x03(\x0b\x32\x1e.neuronserve.prep.v1.Operation2\xc8\x04\n\x0bPrepService\x12X\n\x0cPrepareModel\x12(.neuronserve.prep.v1.PrepareModelRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12Z\n\rCompileGraphs\x12).neuronserve.prep.v1.CompileGraphsRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12X\n\x0cGetOperation\x12(.neuronserve.prep.v1.GetOperationRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12^\n\x0eWatchOperation\x12*.neuronserve.prep.v1.WatchOperationRequest\x1a\x1e.neuronserve.prep.v1.Operation0\x01\x12^\n\x0f\x43\x61ncelOperation\x12+.neuronserve.prep.v1.CancelOperationRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12i\n\x0eListOperations\x12*.neuronserve.prep.v1.ListOperationsRequest\x1a+.neuronserve.prep.v1.ListOperationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/prep.proto\x12\x13neuronserve.prep.v1\"\xf4\x01\n\x13PrepareModelRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x11\n\ttp_degree\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x0cgqa_strategy\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x14\n\x0c\x61llow_pickle\x18\x08 \x01(\x08\x12\x0c\n\x04name\x18\t \x01(\t\x12\x10\n\x08quantize\x18\n \x01(\t\x12\x18\n\x10quantize_lm_head\x18\x0b \x01(\x08\x42\x0f\n\r_gqa_strategy\"\x91\x02\n\x14\x43ompileGraphsRequest\x12\x14\n\x0cmanifest_uri\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\r\x12\x17\n\x0f\x63ontext_buckets\x18\x05 \x03(\r\x12\x12\n\nkv_buckets\x18\x06 \x03(\r\x12\x15\n\rbatch_buckets\x18\x07 \x03(\r\x12\x0e\n\x06output\x18\x08 \x01(\t\x12\r\n\x05\x66orce\x18\t \x01(\x08\x12\x0e\n\x06prefer\x18\n \x01(\t\x12\x13\n\x0bspeculation\x18\x0b \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18\x0c \x01(\r\"\x9a\x01\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x14\n\x0ctensors_done\x18\x04 \x01(\r\x12\x15\n\rtensors_total\x18\x05 \x01(\r\x12\x13\n\x0bgraphs_done\x18\x06 \x01(\r\x12\x14\n\x0cgraphs_total\x18\x07 \x01(\r\"\x99\x04\n\tOperation\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.neuronserve.prep.v1.Operation.State\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1d.neuronserve.prep.v1.Progress\x12\x14\n\x0cmanifest_uri\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x14\n\x0c\x61rtifact_key\x18\x06 \x01(\t\x12\x0e\n\x06reused\x18\x07 \x01(\x08\x12\x39\n\x07request\x18\x08 \x01(\x0b\x32(.neuronserve.prep.v1.PrepareModelRequest\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\x12\x14\n\x0cupdated_unix\x18\n \x01(\x01\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x42\n\x0f\x63ompile_request\x18\x0c \x01(\x0b\x32).neuronserve.prep.v1.CompileGraphsRequest\x12\x15\n\rgraph_set_uri\x18\r \x01(\t\x12\x11\n\tgraph_key\x18\x0e \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"-\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\".\n\x16\x43\x61ncelOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"\x17\n\x15ListOperationsRequest\"L\n\x16ListOperationsResponse\x12\x32\n\noperations\x18\x01 \x03(\x0b\x32\x1e.neuronserve.prep.v1.Operation2\xc8\x04\n\x0bPrepService\x12X\n\x0cPrepareModel\x12(.neuronserve.prep.v1.PrepareModelRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12Z\n\rCompileGraphs\x12).neuronserve.prep.v1.CompileGraphsRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12X\n\x0cGetOperation\x12(.neuronserve.prep.v1.GetOperationRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12^\n\x0eWatchOperation\x12*.neuronserve.prep.v1.WatchOperationRequest\x1a\x1e.neuronserve.prep.v1.Operation0\x01\x12^\n\x0f\x43\x61ncelOperation\x12+.neuronserve.prep.v1.CancelOperationRequest\x1a\x1e.neuronserve.prep.v1.Operation\x12i\n\x0eListOperations\x12*.neuronserve.prep.v1.ListOperationsRequest\x1a+.neuronserve.prep.v1.ListOperationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPAREMODELREQUEST']._serialized_start=43
   _globals['_PREPAREMODELREQUEST']._serialized_end=287
   _globals['_COMPILEGRAPHSREQUEST']._serialized_start=290
-  _globals['_COMPILEGRAPHSREQUEST']._serialized_end=510
-  _globals['_PROGRESS']._serialized_start=513
-  _globals['_PROGRESS']._serialized_end=667
-  _globals['_OPERATION']._serialized_start=670
-  _globals['_OPERATION']._serialized_end=1207
-  _globals['_OPERATION_STATE']._serialized_start=1109
-  _globals['_OPERATION_STATE']._serialized_end=1207
-  _globals['_GETOPERATIONREQUEST']._serialized_start=1209
-  _globals['_GETOPERATIONREQUEST']._serialized_end=1252
-  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1254
-  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1299
-  _globals['_CANCELOPERATIONREQUEST']._serialized_start=1301
-  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1347
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1349
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1372
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1374
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1450
-  _globals['_PREPSERVICE']._serialized_start=1453
-  _globals['_PREPSERVICE']._serialized_end=2037
+  _globals['_COMPILEGRAPHSREQUEST']._serialized_end=563
+  _globals['_PROGRESS']._serialized_start=566
+  _globals['_PROGRESS']._serialized_end=720
+  _globals['_OPERATION']._serialized_start=723
+  _globals['_OPERATION']._serialized_end=1260
+  _globals['_OPERATION_STATE']._serialized_start=1162
+  _globals['_OPERATION_STATE']._serialized_end=1260
+  _globals['_GETOPERATIONREQUEST']._serialized_start=1262
+  _globals['_GETOPERATIONREQUEST']._serialized_end=1305
+  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1307
+  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1352
+  _globals['_CANCELOPERATIONREQUEST']._serialized_start=1354
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1400
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1402
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1425
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1427
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1503
+  _globals['_PREPSERVICE']._serialized_start=1506
+  _globals['_PREPSERVICE']._serialized_end=2090
 # @@protoc_insertion_point(module_scope)

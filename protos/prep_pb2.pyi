@@ -34,7 +34,7 @@ class PrepareModelRequest(_message.Message):
     def __init__(self, source: _Optional[str] = ..., revision: _Optional[str] = ..., output: _Optional[str] = ..., tp_degree: _Optional[int] = ..., dtype: _Optional[str] = ..., gqa_strategy: _Optional[str] = ..., force: _Optional[bool] = ..., allow_pickle: _Optional[bool] = ..., name: _Optional[str] = ..., quantize: _Optional[str] = ..., quantize_lm_head: _Optional[bool] = ...) -> None: ...
 
 class CompileGraphsRequest(_message.Message):
-    __slots__ = ("manifest_uri", "device", "max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "batch_buckets", "output", "force", "prefer")
+    __slots__ = ("manifest_uri", "device", "max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "batch_buckets", "output", "force", "prefer", "speculation", "num_speculative_tokens")
     MANIFEST_URI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class CompileGraphsRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     PREFER_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     manifest_uri: str
     device: str
     max_batch_size: int
@@ -55,7 +57,9 @@ class CompileGraphsRequest(_message.Message):
     output: str
     force: bool
     prefer: str
-    def __init__(self, manifest_uri: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., context_buckets: _Optional[_Iterable[int]] = ..., kv_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., output: _Optional[str] = ..., force: _Optional[bool] = ..., prefer: _Optional[str] = ...) -> None: ...
+    speculation: str
+    num_speculative_tokens: int
+    def __init__(self, manifest_uri: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., context_buckets: _Optional[_Iterable[int]] = ..., kv_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., output: _Optional[str] = ..., force: _Optional[bool] = ..., prefer: _Optional[str] = ..., speculation: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "graphs_done", "graphs_total")

@@ -16,6 +16,10 @@ errors stay fast.
   largest equal to ``max_batch_size``. Default: powers of two below ``max_batch_size``, then it
   (8 -> 1, 2, 4, 8; 6 -> 1, 2, 4, 6). The engine runs each step in the smallest bucket that holds
   its rows, so one running request does not pay for ``max_batch_size``.
+* ``speculation`` (``off`` | ``ngram`` | ``draft``) and ``num_speculative_tokens`` k: with speculation
+  on, the verify graphs (S = k + 1) join the graph set; k is 1..16 (0 = the default, 4) and k + 2 <=
+  ``max_seq_len``. The drafter is part of the shape because it sets the verify graph's q width (one-hot
+  n-gram drafts vs a draft model's candidates); the draft model itself is not (``--draft-model``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_DEFAULT_CONTEXT_BUCKET = 512
+SPECULATION_METHODS = ("off", "ngram", "draft")
+DEFAULT_SPECULATIVE_TOKENS = 4
+MAX_SPECULATIVE_TOKENS = 16
 
 
 class ShapeError(ValueError):
@@ -64,6 +71,8 @@ class ServingShape:
     context_buckets: tuple[int, ...] = field(default=())
     kv_buckets: tuple[int, ...] = field(default=())
     batch_buckets: tuple[int, ...] = field(default=())
+    speculation: str = "off"  # SPECULATION_METHODS
+    num_speculative_tokens: int = 0  # k (0 = DEFAULT_SPECULATIVE_TOKENS with speculation on)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -99,21 +108,55 @@ class ServingShape:
         object.__setattr__(self, "context_buckets", ctx)
         object.__setattr__(self, "kv_buckets", kv)
         object.__setattr__(self, "batch_buckets", batch)
+        object.__setattr__(self, "num_speculative_tokens", self._speculative_tokens())
+
+    def _speculative_tokens(self) -> int:
+        if self.speculation not in SPECULATION_METHODS:
+            raise ShapeError(
+                "speculation",
+                f"speculation must be one of {', '.join(SPECULATION_METHODS)}, got {self.speculation!r}",
+            )
+        k = self.num_speculative_tokens
+        if self.speculation == "off":
+            return 0
+        k = k or DEFAULT_SPECULATIVE_TOKENS
+        if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ShapeError(
+                "num_speculative_tokens",
+                f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {k}",
+            )
+        if k + 2 > self.max_seq_len:
+            raise ShapeError(
+                "num_speculative_tokens",
+                f"num_speculative_tokens ({k}) + 2 must be <= max_seq_len ({self.max_seq_len})",
+            )
+        return k
 
     def fields(self) -> dict[str, object]:
         """The shape as keyword arguments (``RuntimeConfig(**shape.fields(), ...)``)."""
         return {f: getattr(self, f) for f in SHAPE_FIELDS}
 
     def cli_flags(self) -> list[str]:
-        """The shape as ``exec-server`` / ``compile`` flags, every bucket spelled out."""
+        """The shape as ``exec-server`` / ``compile`` flags, every bucket spelled out (the
+        speculation flags only with speculation on)."""
         out: list[str] = []
         for f in SHAPE_FIELDS:
             v = getattr(self, f)
+            if f in SPECULATION_FIELDS and self.speculation == "off":
+                continue
             out += [f"--{f.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
         return out
 
 
-SHAPE_FIELDS = ("max_batch_size", "max_seq_len", "context_buckets", "kv_buckets", "batch_buckets")
+SPECULATION_FIELDS = ("speculation", "num_speculative_tokens")
+SHAPE_FIELDS = (
+    "max_batch_size",
+    "max_seq_len",
+    "context_buckets",
+    "kv_buckets",
+    "batch_buckets",
+    *SPECULATION_FIELDS,
+)
 
 
 def bucket_for(buckets: tuple[int, ...], n: int) -> int:

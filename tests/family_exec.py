@@ -9,6 +9,7 @@ memory, so its in-memory state dict differs from the checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from exec_service.artifact import Artifact, open_artifact
 from exec_service.engine import Engine, Request, RuntimeConfig, StoppingCriteria
-from exec_service.runtime.graphs import DECODE
+from exec_service.runtime.graphs import DECODE, SPECULATE
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
 from tests.family_configs import make_family_model
@@ -60,6 +61,8 @@ PROMPTS: list[list[int]] = [
 ]
 N_NEW = 32
 CONFIG = RuntimeConfig(max_batch_size=4, max_seq_len=128, context_buckets=(16, 64), return_logits=True)
+# speculation: k = 3 drafts per step (the engine's drafter is replaced by tests/drafters.OracleDrafter)
+SPECULATIVE = dataclasses.replace(CONFIG, speculation="ngram", num_speculative_tokens=3)
 
 
 @dataclass
@@ -124,7 +127,7 @@ def run_engine(
     run = engine.executor.run
 
     def spy(spec, inputs):
-        if spec.kind == DECODE:
+        if spec.kind in (DECODE, SPECULATE):  # token generation or verify steps
             buckets.append(spec.batch)
         return run(spec, inputs)
 

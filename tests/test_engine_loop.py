@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from exec_service.engine import FinishReason, Request, RequestOutput, StoppingCriteria
+from exec_service.engine.types import SpeculationStats
 from exec_service.engine_loop import EngineFailed, EngineLoop, EngineRejected
 
 
@@ -19,6 +20,8 @@ class _Config:
 class ScriptedEngine:
     """Emits one token per running request per step (token = 1000 * request index + step); each
     step waits for the test's go-ahead when ``gated``."""
+
+    speculation_stats = SpeculationStats()  # the Engine's counters (none: no speculation here)
 
     def __init__(self, gated: bool = False, fail_at: int | None = None) -> None:
         self.config = _Config()

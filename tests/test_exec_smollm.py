@@ -25,6 +25,17 @@ def _gguf_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+_REFERENCE: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+
+def reference(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens, computed once per prompt for this module's tests."""
+    key = (tuple(prompt), n)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = hf_greedy(model, prompt, n)
+    return _REFERENCE[key]
+
+
 @pytest.fixture(scope="module")
 def smollm():
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +75,7 @@ def test_smollm2_greedy_parity_tp1(smollm) -> None:
             [Request(p, stopping=StoppingCriteria(max_new_tokens=32, ignore_eos=True)) for p in prompts]
         )
     got = [t for t, _ in res.values()]
-    want = [hf_greedy(model, p, 32) for p in prompts]
+    want = [reference(model, p, 32) for p in prompts]
     assert got == want, [tok.decode(t) for t in got]
     assert "Paris" in tok.decode(got[0])
 
@@ -92,3 +103,31 @@ def test_smollm2_tp2_from_prepared_gguf(smollm, tmp_path: Path) -> None:
             [Request(p, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True)) for p in prompts]
         )
     assert [t for t, _ in out.values()] == [hf_greedy(model, p, 24) for p in prompts]
+
+
+def test_smollm2_speculation_greedy_parity(smollm) -> None:
+    """n-gram speculation on the real model, a copy-heavy request (repeat a given text) batched with
+    a free one: transformers' greedy tokens for both, and the copy really comes from accepted drafts."""
+    model, tok = smollm
+    text = "Static shapes make every graph compile once; the cache is allocated once and updated in place."
+    questions = (f"Copy the following sentence word for word.\n\n{text}", "What is the capital of France?")
+    prompts = [
+        list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for q in questions
+    ]  # fmt: skip
+    config = RuntimeConfig(
+        max_batch_size=2,
+        max_seq_len=256,
+        context_buckets=(16, 64),
+        kv_buckets=(64, 128, 256),
+        speculation="ngram",
+        num_speculative_tokens=4,
+    )
+    with Engine(source_from_hf(model), config, adaptive=None) as engine:  # every step drafts
+        res = engine.generate(
+            [Request(p, stopping=StoppingCriteria(max_new_tokens=32, ignore_eos=True)) for p in prompts]
+        )
+        stats = engine.speculation_stats
+    got = [t for t, _ in res.values()]
+    assert got == [reference(model, p, 32) for p in prompts], [tok.decode(t) for t in got]
+    assert stats.accepted_tokens >= 12  # the copy: the model quotes the sentence

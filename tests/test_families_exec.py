@@ -16,8 +16,9 @@ from exec_service.artifact import open_artifact
 from exec_service.engine import Engine, RuntimeConfig
 from prep_service.api import PrepareRequest
 from prep_service.convert import prepare
+from tests.drafters import OracleDrafter
 from tests.family_configs import save_llama4_multimodal
-from tests.family_exec import CASES, CONFIG, N_NEW, PROMPTS, FamilyCase, run_engine
+from tests.family_exec import CASES, CONFIG, N_NEW, PROMPTS, SPECULATIVE, FamilyCase, run_engine
 from tests.helpers import assert_export_matches_eager
 from tests.hf_reference import hf_greedy
 
@@ -64,6 +65,42 @@ def test_greedy_parity_tp2(cases: dict[str, FamilyCase], name: str) -> None:
     assert torch.equal(torch.cat(embed)[: ref.shape[0]], ref)
     with Engine(src, CONFIG) as engine:
         check_parity(case, engine)
+
+
+def check_speculative_parity(case: FamilyCase, tp: int) -> None:
+    """Verify steps (k = 3) whose drafts are transformers' own tokens with one of them wrong at a
+    cycling position: every acceptance count from 0 to k occurs, and the tokens are transformers'
+    — through the family's options over multi-token windows (Phi-3's longrope re-encode at the
+    switch length, sliding windows, Llama4's chunks and NoPE layers, MoE routing per position)."""
+    refs = case.reference()
+    drafter = OracleDrafter(
+        {tuple(p): r for p, r in zip(PROMPTS, refs, strict=True)}, case.model.config.vocab_size, 3
+    )
+    accepted: list[int] = []
+    with Engine(case.source(tp), SPECULATIVE, drafter=drafter, adaptive=None) as engine:
+        run = engine.executor.run
+
+        def spy(spec, inputs):
+            out = run(spec, inputs)
+            if out.num_accepted is not None:
+                accepted.extend(out.num_accepted[inputs.num_drafts > 0].tolist())
+            return out
+
+        engine.executor.run = spy  # type: ignore[method-assign]
+        tokens, _ = run_engine(engine, PROMPTS)
+    assert tokens == refs
+    assert set(accepted) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_speculative_greedy_parity_tp1(cases: dict[str, FamilyCase], name: str) -> None:
+    check_speculative_parity(cases[name], 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_speculative_greedy_parity_tp2(cases: dict[str, FamilyCase], name: str) -> None:
+    check_speculative_parity(cases[name], 2)
 
 
 # compiled graphs (torch.compile per static shape, what a graph set holds): max batch 2 and one

@@ -371,6 +371,8 @@ def test_schema_accepts_defaults_and_profiles():
             {"exec": {"maxBatchSize": 8, "batchBuckets": [1, 4]}},
             "the largest batch bucket (4) must equal exec.maxBatchSize (8)",
         ),
+        ({"exec": {"speculation": "draft"}}, "exec.draftModel: needed by exec.speculation draft"),
+        ({"exec": {"draftModel": "file:///s/m.json"}}, "exec.draftModel: needed by exec.speculation draft"),
         ({"tls": {"enabled": True}}, "tls.secretName"),
         ({"prepareJob": {"enabled": True}}, "prepareJob.models"),
         (
@@ -426,6 +428,37 @@ def test_rendered_serving_shape_is_the_one_exec_server_serves(shape, context, kv
     ns = parser.parse_args(args)
     got = serving_shape_from_args(ns, parser)
     assert (got.context_buckets, got.kv_buckets, got.batch_buckets) == (context, kv, batch)
+
+
+def test_speculation_values_reach_exec_server_and_the_compiled_graph_set():
+    """exec.speculation / numSpeculativeTokens / draftModel become exec-server's flags (parsed by the
+    real CLI into the same serving shape) and the compile job's, so its graph set holds the verify
+    graphs; off leaves the flags out."""
+    from exec_service.cli import serving_shape_from_args
+    from shared.cli import build_parser
+
+    parser = build_parser()
+    off = expand_args(container(exec_deploy(render({}))), configmap(render({})))
+    assert not any(a.startswith(("--speculation", "--draft-model")) for a in off)
+    values = {
+        "exec": {
+            "speculation": "draft",
+            "numSpeculativeTokens": 3,
+            "draftModel": "file:///s/d/manifest.json",
+        },
+        "prepareJob": {"enabled": True, "compileGraphs": True, "models": [{"source": "org/a"}]},
+    }
+    objs = render(values)
+    args = expand_args(container(exec_deploy(objs)), configmap(objs))
+    ns = parser.parse_args(args)
+    shape = serving_shape_from_args(ns, parser)
+    assert (shape.speculation, shape.num_speculative_tokens) == ("draft", 3)
+    assert ns.draft_model == "file:///s/d/manifest.json"
+    (job,) = find(objs, "Job")
+    env = {e["name"]: e.get("value") for e in container(job)["env"] if "value" in e}
+    compile_argv = json.loads(env["NEURON_SERVE_COMPILE_ARGV"])
+    ns = parser.parse_args(["compile", "file:///s/models/a/k/manifest.json", *compile_argv])
+    assert serving_shape_from_args(ns, parser) == shape
 
 
 # --------------------------------------------------------------------------------------- probes

@@ -6,16 +6,25 @@ prefilled, oldest first, as many as fit ``max_prefill_tokens`` (B x S padded tok
 so a burst of prompts is encoded together and a long prompt holds the running streams for one chunk
 per step, never its whole length; a final chunk samples the sequence's first token — (4) one
 token-generation step for every running sequence (those whose prefill just finished included).
+With speculation on (``RuntimeConfig.speculation``), step (4) first asks the drafter
+(``engine/drafting.py``) for up to k drafts per row; if any row has some, the step is one verify
+graph for every running row (rows without drafts carry none and get one token, as from token
+generation), else the plain token-generation graph. Each row's drafts are capped so that
+max_new_tokens, the context length, min_new_tokens' suppressed ids and the length-dependent rope
+tables (longrope, dynamic) hold exactly as if its tokens came one step at a time.
 Each graph call runs in the smallest batch bucket that holds its rows (``RuntimeConfig.batch_buckets``;
 padding rows use the cache's pad slot). Requests join and leave between steps; a finished request's
 slot is free for the next step.
 
 Batch invariance: a request's uniforms come from its own ``torch.Generator(seed)``, one draw per
-token it samples, so the same request with the same seed yields the same tokens whatever else runs.
+token it samples (a verify step: one per draft, then one for the final token; a draft model's
+samples draw from it too), so the same request with the same seed yields the same tokens whatever
+else runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import secrets
 from collections import deque
@@ -24,12 +33,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exec_service.engine.drafting import (
+    NO_DRAFTS,
+    Adaptive,
+    AdaptivePolicy,
+    Drafter,
+    DraftRequest,
+    NgramDrafter,
+    Proposal,
+)
 from exec_service.engine.limits import EngineLimits, check_request
 from exec_service.engine.types import (
     FinishReason,
     Request,
     RequestOutput,
     SamplingParams,
+    SpeculationStats,
     TokenLogprob,
 )
 from exec_service.model.loading import ShardSource
@@ -38,6 +57,7 @@ from exec_service.runtime.executor import LocalExecutor, TPExecutor
 from exec_service.runtime.graphs import (
     CONTEXT,
     DECODE,
+    SPECULATE,
     GraphSpec,
     context_bucket,
     example_step,
@@ -63,10 +83,14 @@ class _Seq:
     # generated) and how many of them are in the cache; None once decoding
     encoding: list[int] | None = None
     encoded: int = 0
+    adaptive: Adaptive | None = None  # speculation on, adaptively: when this row drafts
 
     @property
     def total_len(self) -> int:
         return len(self.request.prompt_token_ids) + len(self.generated)
+
+    def tokens(self) -> list[int]:
+        return [*self.request.prompt_token_ids, *self.generated]
 
 
 @dataclass
@@ -84,7 +108,14 @@ class Engine:
         source: ShardSource,
         config: RuntimeConfig | None = None,
         eos_token_ids: Iterable[int] | None = None,
+        *,
+        draft_source: ShardSource | None = None,
+        drafter: Drafter | None = None,
+        adaptive: AdaptivePolicy | None = AdaptivePolicy(),
     ) -> None:
+        """Speculation (``config.speculation``): ``ngram`` drafts by prompt lookup; ``draft`` runs
+        ``draft_source`` (a tp 1 artifact with this model's vocabulary) as the drafter; ``drafter``
+        replaces either (tests). ``adaptive`` None: every row drafts whenever it can."""
         config = config or RuntimeConfig()
         self.arch, self.target = source.arch, source.target
         self.eos_token_ids = frozenset(self.arch.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -99,7 +130,15 @@ class Engine:
             max_suppressed_ids=config.max_suppressed_ids,
             eos_token_ids=self.eos_token_ids,
         )
-        self.executor = TPExecutor(source, config) if self.tp > 1 else LocalExecutor(source, config)
+        self._adaptive = adaptive
+        self._stats = SpeculationStats()
+        self._drafter = self._make_drafter(config, drafter, draft_source)
+        try:
+            self.executor = TPExecutor(source, config) if self.tp > 1 else LocalExecutor(source, config)
+        except BaseException:
+            if self._drafter is not None:
+                self._drafter.close()
+            raise
         self._waiting: deque[_Seq] = deque()
         self._running: dict[int, _Seq] = {}  # slot -> sequence (prefilling or decoding)
         self._prefilling: deque[_Seq] = deque()  # oldest first
@@ -163,6 +202,11 @@ class Engine:
     def free_slots(self) -> int:
         return len(self._free)
 
+    @property
+    def speculation_stats(self) -> SpeculationStats:
+        """Draft tokens proposed and accepted so far (all zero with speculation off)."""
+        return self._stats
+
     def step(self) -> list[RequestOutput]:
         pending: dict[str, _Pending] = {}
         finished: list[_Seq] = []
@@ -179,6 +223,8 @@ class Engine:
             seq = self._waiting.popleft()
             seq.slot = self._free.pop(0)
             self._running[seq.slot] = seq
+            if self._drafter is not None and self._adaptive is not None:
+                seq.adaptive = Adaptive(self._adaptive)
             self._start_encoding(seq, list(seq.request.prompt_token_ids))
 
         if self._rope_switch_len is not None:  # longrope: see _longrope_switch_len
@@ -192,7 +238,7 @@ class Engine:
                 self._release(seq)
 
         if any(seq.encoding is None for seq in self._running.values()):
-            for seq in self._decode(pending):
+            for seq in self._decode_step(pending):
                 finished.append(seq)
                 self._release(seq)
 
@@ -231,6 +277,8 @@ class Engine:
         return len(specs)
 
     def close(self) -> None:
+        if self._drafter is not None:
+            self._drafter.close()
         self.executor.close()
 
     def __enter__(self) -> Engine:
@@ -241,10 +289,33 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------------
 
+    def _make_drafter(
+        self, config: RuntimeConfig, drafter: Drafter | None, draft_source: ShardSource | None
+    ) -> Drafter | None:
+        if config.speculation == "off":
+            if drafter is not None or draft_source is not None:
+                raise ValueError("a drafter or draft model needs speculation on (RuntimeConfig.speculation)")
+            return None
+        if drafter is None and config.speculation == "ngram":
+            drafter = NgramDrafter()
+        elif drafter is None:
+            if draft_source is None:
+                raise ValueError("speculation 'draft' needs a draft model (draft_source / --draft-model)")
+            from exec_service.engine.draft_model import DraftModelDrafter
+
+            drafter = DraftModelDrafter(draft_source, self.arch, config)
+        if drafter.width > config.draft_width:
+            raise ValueError(
+                f"the drafter's q is {drafter.width} wide; the verify graph takes {config.draft_width}"
+            )
+        return drafter
+
     def _release(self, seq: _Seq) -> None:
         if seq.encoding is not None:
             self._prefilling.remove(seq)
             seq.encoding = None
+        if seq.slot >= 0 and self._drafter is not None:
+            self._drafter.release(seq.slot)
         if seq.slot >= 0:
             self._running.pop(seq.slot, None)
             self._free.append(seq.slot)
@@ -344,23 +415,35 @@ class Engine:
                 done.append(seq)
         return done
 
-    def _decode(self, pending: dict[str, _Pending]) -> list[_Seq]:
-        """One token-generation step for every decoding sequence, in the smallest batch bucket that
-        holds them: the largest bucket has row b = slot b (the cache read is a view), a smaller one
-        has the sequences' rows in slot order (their cache rows are gathered)."""
-        cfg = self.config
+    def _decode_step(self, pending: dict[str, _Pending]) -> list[_Seq]:
+        """Step (4): every decoding sequence gets its next token(s) — one verify step when any of
+        them has drafts, else one token-generation step."""
         running = sorted(
             (seq for seq in self._running.values() if seq.encoding is None and seq.finish is None),
             key=lambda q: q.slot,
         )
         if not running:
             return []
+        drafts = self._propose(running) if self._drafter is not None else {}
+        if drafts:
+            return self._verify(running, drafts, pending)
+        return self._decode(running, pending)
+
+    def _rows(self, running: list[_Seq]) -> tuple[int, dict[int, int]]:
+        """The batch bucket of a decode or verify step and each slot's row: in the largest bucket
+        row b is slot b (the cache read is a view), in a smaller one the sequences' rows are in slot
+        order (their cache rows are gathered)."""
+        cfg = self.config
         b = bucket_for(cfg.batch_buckets, len(running))
-        row_of = (
-            {seq.slot: seq.slot for seq in running}
-            if b == cfg.max_batch_size
-            else {seq.slot: r for r, seq in enumerate(running)}
-        )
+        if b == cfg.max_batch_size:
+            return b, {seq.slot: seq.slot for seq in running}
+        return b, {seq.slot: r for r, seq in enumerate(running)}
+
+    def _decode(self, running: list[_Seq], pending: dict[str, _Pending]) -> list[_Seq]:
+        """One token-generation step for every decoding sequence, in the smallest batch bucket that
+        holds them (``_rows``)."""
+        cfg = self.config
+        b, row_of = self._rows(running)
         # a host-side choice between two static graphs (never a branch inside one)
         greedy = cfg.greedy_graphs and all(_plain_greedy(seq.request.sampling) for seq in running)
         ids = torch.zeros(b, 1, dtype=torch.int64)
@@ -399,10 +482,166 @@ class Engine:
                 done.append(seq)
         return done
 
-    def _accept(self, seq: _Seq, out: StepOutputs, row: int, pending: _Pending) -> None:
-        """Row ``row`` of a step's outputs is ``seq``'s next token (logprobs: full graphs only; the
-        greedy one runs only when no row wants them)."""
-        tok = int(out.tokens[row])
+    # -- speculation ----------------------------------------------------------------------------
+
+    def _draft_cap(self, seq: _Seq) -> int:
+        """The most drafts ``seq`` may verify this step: k, and no more than keeps every rule of
+        one-token-at-a-time decoding exact — max_new_tokens and the context length are never
+        overshot (the last window position stays below max_seq_len - 1, so a padding draft clamped
+        there never lands on a real one), min_new_tokens' suppressed ids cover every position of the
+        window or none, and the rope table a length-dependent kind picks (from the window's last real
+        position) is the one each position would have picked."""
+        cfg, stop = self.config, seq.request.stopping
+        total, gen = seq.total_len, len(seq.generated)
+        cap = min(cfg.num_speculative_tokens, cfg.max_seq_len - total - 1)
+        if stop.max_new_tokens is not None:
+            cap = min(cap, stop.max_new_tokens - gen - 1)
+        if self._suppressed(seq):
+            cap = min(cap, stop.min_new_tokens - gen - 1)
+        if self._rope_switch_len is not None and total < self._rope_switch_len:  # longrope: short table
+            cap = min(cap, self._rope_switch_len - 1 - total)  # ... and the re-encode length is reached
+        if self.arch.rope.kind == "dynamic":  # the original table only up to max_position_embeddings
+            cap = min(cap, self.arch.max_position_embeddings - total)
+        return cap
+
+    def _propose(self, running: list[_Seq]) -> dict[int, Proposal]:
+        """Drafts per slot, for the rows that may and (adaptively) want to speculate — greedy rows
+        only when the step's gate lets them (``drafting.AdaptivePolicy.verify_cost``)."""
+        assert self._drafter is not None
+        want = []
+        for seq in running:
+            cap = self._draft_cap(seq)
+            if cap < 1 or (seq.adaptive is not None and not seq.adaptive.should_draft()):
+                continue
+            want.append((seq, cap))
+        if (
+            self._adaptive is not None
+            and want
+            and all(seq.request.sampling.temperature <= 0 for seq, _ in want)
+        ):
+            # greedy rows only (their tokens do not depend on it): verify when worth it for the batch
+            expected = sum(min(seq.adaptive.expected, cap) for seq, cap in want if seq.adaptive is not None)
+            if expected < self._adaptive.verify_cost * len(running):
+                for seq, _ in want:
+                    if seq.adaptive is not None:
+                        seq.adaptive.gated()
+                return {}
+        asks = [
+            DraftRequest(seq.slot, seq.tokens(), cap, seq.request.sampling, seq.generator)
+            for seq, cap in want
+        ]
+        if not asks:
+            return {}
+        proposals = self._drafter.propose(asks)
+        out = {}
+        for ask, prop in zip(asks, proposals, strict=True):
+            if len(prop.tokens) > ask.max_drafts:
+                raise RuntimeError(
+                    f"the drafter proposed {len(prop.tokens)} drafts for at most {ask.max_drafts}"
+                )
+            if prop.tokens:
+                out[ask.slot] = prop
+        return out
+
+    def _verify(
+        self, running: list[_Seq], drafts: dict[int, Proposal], pending: dict[str, _Pending]
+    ) -> list[_Seq]:
+        """One verify step (the speculation graph) for every decoding sequence: row = the last token
+        + the row's drafts (padded to k), positions clamped to the cache (``_draft_cap``)."""
+        cfg = self.config
+        k, w = cfg.num_speculative_tokens, cfg.draft_width
+        s = k + 1
+        b, row_of = self._rows(running)
+        greedy = cfg.greedy_graphs and all(_plain_greedy(seq.request.sampling) for seq in running)
+        ids = torch.zeros(b, s, dtype=torch.int64)
+        pos = torch.arange(s, dtype=torch.int64).repeat(b, 1)  # padding rows: 0..S-1 of the pad slot
+        slots = torch.full((b,), self._pad_slot, dtype=torch.int64)
+        num = torch.zeros(b, dtype=torch.int64)
+        sup = torch.full((b, cfg.max_suppressed_ids), -1, dtype=torch.int64)
+        params = None if greedy else torch.tensor([NEUTRAL_PARAMS] * b, dtype=torch.float32)
+        draws = None if greedy else torch.zeros(b, s, dtype=torch.float32)
+        q_ids = None if greedy else torch.full((b, k, w), -1, dtype=torch.int64)
+        q_probs = None if greedy else torch.zeros(b, k, w, dtype=torch.float32)
+        window = torch.arange(s, dtype=torch.int64)
+        needed = s
+        for seq in running:
+            r = row_of[seq.slot]
+            prop = drafts.get(seq.slot, NO_DRAFTS)
+            n, start = len(prop.tokens), seq.total_len - 1
+            ids[r, 0] = seq.generated[-1]
+            if n:
+                ids[r, 1 : n + 1] = torch.tensor(prop.tokens)
+            pos[r] = (start + window).clamp(max=cfg.max_seq_len - 1)
+            slots[r], num[r] = seq.slot, n
+            sup[r] = self._suppress_row(seq)
+            needed = max(needed, start + n + 1)
+            if params is None or draws is None or q_ids is None or q_probs is None:
+                continue
+            sp = seq.request.sampling
+            params[r] = torch.tensor(sp.as_row())
+            if sp.temperature > 0:  # acceptance draws for the n drafts, then the final token's
+                for j in range(n):
+                    draws[r, j] = self._uniform(seq)
+                draws[r, s - 1] = self._uniform(seq)
+            if n and prop.q_ids is not None and prop.q_probs is not None:
+                qw = prop.q_ids.shape[1]
+                q_ids[r, :n, :qw], q_probs[r, :n, :qw] = prop.q_ids, prop.q_probs
+            elif n:  # one-hot q on the draft
+                q_ids[r, :n, 0], q_probs[r, :n, 0] = ids[r, 1 : n + 1], 1.0
+        kv = kv_bucket(cfg.kv_buckets, needed)
+        spec = GraphSpec(
+            SPECULATE, b, s, kv, cfg.max_suppressed_ids, greedy=greedy, draft_width=0 if greedy else w
+        )
+        inputs = StepInputs(
+            input_ids=ids,
+            positions=pos,
+            slots=slots,
+            mask=make_mask(pos, spec.kv_len),
+            suppress_ids=sup,
+            params=params,
+            num_drafts=num,
+            draws=draws,
+            draft_ids=q_ids,
+            draft_probs=q_probs,
+        )
+        out = self.executor.run(spec, inputs)
+        assert out.num_accepted is not None
+        done = []
+        stats = self._stats
+        for seq in running:
+            r = row_of[seq.slot]
+            n, a, length = int(num[r]), int(out.num_accepted[r]), seq.total_len
+            if not 0 <= a <= n:
+                raise RuntimeError(f"the verify graph accepted {a} of {n} drafts")
+            p = pending.setdefault(seq.request_id, _Pending())
+            for i in range(a + 1):  # accepted drafts, then the correction / bonus token
+                self._accept(seq, out, r, p, i)
+                if seq.finish is not None:  # EOS or a stop id among them: the rest is dropped
+                    break
+            if n:
+                stats = SpeculationStats(
+                    stats.draft_tokens + n,
+                    stats.accepted_tokens + a,
+                    stats.verified_rows + 1,
+                    stats.verify_steps,
+                )
+                if seq.adaptive is not None:
+                    seq.adaptive.record(a)
+                assert self._drafter is not None
+                self._drafter.verified(seq.slot, length, n, a)
+            if seq.finish is not None:
+                done.append(seq)
+        self._stats = dataclasses.replace(stats, verify_steps=stats.verify_steps + 1)
+        return done
+
+    def _accept(
+        self, seq: _Seq, out: StepOutputs, row: int, pending: _Pending, col: int | None = None
+    ) -> None:
+        """Row ``row`` of a step's outputs is ``seq``'s next token (``col``: position ``col`` of a
+        verify step's window; logprobs: full graphs only; a greedy one runs only when no row wants
+        them)."""
+        at = (row,) if col is None else (row, col)
+        tok = int(out.tokens[at])
         seq.generated.append(tok)
         pending.tokens.append(tok)
         sp: SamplingParams = seq.request.sampling
@@ -410,10 +649,10 @@ class Engine:
             if out.logprob is None or out.top_ids is None or out.top_logprobs is None:
                 raise RuntimeError(f"request {seq.request_id} wants logprobs; this step's graph gave none")
             n = sp.top_logprobs
-            top = tuple(zip(out.top_ids[row, :n].tolist(), out.top_logprobs[row, :n].tolist(), strict=True))
-            pending.logprobs.append(TokenLogprob(tok, float(out.logprob[row]), top))
+            top = tuple(zip(out.top_ids[at][:n].tolist(), out.top_logprobs[at][:n].tolist(), strict=True))
+            pending.logprobs.append(TokenLogprob(tok, float(out.logprob[at]), top))
         if out.logits is not None:
-            pending.logits.append(out.logits[row].clone())
+            pending.logits.append(out.logits[at].clone())
         stop = seq.request.stopping
         if tok in stop.stop_token_ids:
             seq.finish = FinishReason.STOP_TOKEN

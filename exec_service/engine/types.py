@@ -133,3 +133,19 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """Counters since the engine started: draft tokens proposed to the verify graph and accepted by
+    it, rows verified with drafts, verify steps. Mean accepted length = tokens a speculating row gains
+    per verify = 1 + accepted_tokens / verified_rows."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verified_rows: int = 0
+    verify_steps: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return 1.0 + self.accepted_tokens / self.verified_rows if self.verified_rows else 0.0

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "compile",
         help="compile a model's step graphs once and publish them as a graph set",
         description="Compile every step graph of one serving shape (a context graph per context bucket, "
-        "the token-generation graphs per batch and KV bucket, their greedy variants) and publish "
+        "the token-generation graphs per batch and KV bucket, their greedy variants, and with --speculation "
+        "the verify graphs per batch and KV bucket) and publish "
         "{store}/graphs/{graph_key}/graphs.json with its files, for exec-server --graphs auto|required. "
         "Weights do not enter the graph key: one graph set serves every checkpoint of an architecture.",
     )

@@ -5,7 +5,8 @@ It is computed from (and ``graphs.json`` records in clear):
 * ``architecture``: the model's shape (``Architecture``) without the fields no graph reads (token
   ids, the checkpoint's own dtype): two checkpoints of one config share a key;
 * ``target``: tp degree, dtype, quantization, head / vocab padding (``Target``);
-* ``serving_shape``: max batch, max sequence length, context / KV / batch buckets;
+* ``serving_shape``: max batch, max sequence length, context / KV / batch buckets, speculation
+  (drafter and k: the verify graphs' shapes);
 * ``backend``: its name and every runtime option that changes a graph's code;
 * ``versions``: torch, Python, and a digest of this package's model + runtime sources (the code
   the graphs are traced from);
@@ -92,6 +93,8 @@ def key_inputs(arch: Architecture, target: Target, config: RuntimeConfig) -> dic
             "context_buckets": list(config.context_buckets),
             "kv_buckets": list(config.kv_buckets),
             "batch_buckets": list(config.batch_buckets),
+            "speculation": config.speculation,
+            "num_speculative_tokens": config.num_speculative_tokens,
         },
         "backend": {
             "name": config.backend,
@@ -102,6 +105,7 @@ def key_inputs(arch: Architecture, target: Target, config: RuntimeConfig) -> dic
                 "num_top_logprobs": config.num_top_logprobs,
                 "max_suppressed_ids": config.max_suppressed_ids,
                 "return_logits": config.return_logits,
+                "return_candidates": config.return_candidates,
             },
         },
         "versions": {

@@ -17,7 +17,7 @@ from exec_service.model.loading import ShardLoadError, load_strict, torch_dtype
 from exec_service.model.parallel import INT8_KERNELS, int8pack_available, pack_linears, prepare_int8
 from exec_service.runtime.backends import Backend, GraphFn, get_backend
 from exec_service.runtime.compiled import CompiledGraphs, install
-from exec_service.runtime.graphs import GraphSpec, GreedyStepGraph, StepGraph, example_step, graph_set
+from exec_service.runtime.graphs import GraphSpec, example_step, graph_module, graph_set
 from exec_service.runtime.kv_cache import KVCache
 from exec_service.runtime.sampling import TokenCounts
 from exec_service.runtime.step_io import StepInputs, StepOutputs
@@ -36,6 +36,10 @@ class RuntimeConfig:
     context_buckets: tuple[int, ...] = (16, 64)
     kv_buckets: tuple[int, ...] = field(default=())
     batch_buckets: tuple[int, ...] = field(default=())
+    # speculation (shared.shapes): "off" | "ngram" | "draft", and k; with speculation on the verify
+    # graphs (S = k + 1) join the graph set, their q width set by the drafter (``draft_width``)
+    speculation: str = "off"
+    num_speculative_tokens: int = 0
     backend: str = "cpu"
     # torch.compile every graph here, just in time (``neuron-serve compile`` builds graph sets so)
     compile: bool = False
@@ -60,11 +64,20 @@ class RuntimeConfig:
     # prefill chunks batched into one step hold at most this many (padded) tokens, B x S; 0 = the
     # default, max(largest context bucket, 1024): 8 prompts of 128 tokens are one step
     max_prefill_tokens: int = 0
+    # the full sampler graphs also return the distribution they drew from (cand_ids / cand_probs):
+    # a draft model's runtime (its q for exact speculative sampling)
+    return_candidates: bool = False
 
     def __post_init__(self) -> None:
         # the serving-shape rules live in one place (shared/shapes.py; the CLI and Helm use them)
         shape = ServingShape(
-            self.max_batch_size, self.max_seq_len, self.context_buckets, self.kv_buckets, self.batch_buckets
+            self.max_batch_size,
+            self.max_seq_len,
+            self.context_buckets,
+            self.kv_buckets,
+            self.batch_buckets,
+            self.speculation,
+            self.num_speculative_tokens,
         )
         if self.max_prefill_tokens < 0:
             raise ValueError(f"max_prefill_tokens must be >= 0 (0 = default), got {self.max_prefill_tokens}")
@@ -79,6 +92,7 @@ class RuntimeConfig:
         object.__setattr__(self, "context_buckets", shape.context_buckets)
         object.__setattr__(self, "kv_buckets", shape.kv_buckets)
         object.__setattr__(self, "batch_buckets", shape.batch_buckets)
+        object.__setattr__(self, "num_speculative_tokens", shape.num_speculative_tokens)
         if not self.max_prefill_tokens:
             object.__setattr__(self, "max_prefill_tokens", max(shape.context_buckets[-1], 1024))
 
@@ -87,6 +101,12 @@ class RuntimeConfig:
             return self.int8_kernel
         return "int8pack" if self.backend == "cpu" and int8pack_available() else "dequant"
 
+    @property
+    def draft_width(self) -> int:
+        """Q, the width of the verify graph's q per draft: 1 for n-gram drafts (one-hot), the draft
+        model's sampling candidates for a draft model (whose runtime uses ``num_candidates`` too)."""
+        return self.num_candidates if self.speculation == "draft" else 1
+
     def graph_specs(self) -> list[GraphSpec]:
         return graph_set(
             self.batch_buckets,
@@ -94,6 +114,8 @@ class RuntimeConfig:
             self.context_buckets,
             self.kv_buckets,
             self.max_suppressed_ids,
+            self.num_speculative_tokens,
+            self.draft_width,
         )
 
 
@@ -140,7 +162,7 @@ class Runner:
         self.counts = TokenCounts(config.max_batch_size, target.vocab_per_rank, device)
         self.device = device
         self.graphs = {
-            spec: (GreedyStepGraph if spec.greedy else StepGraph)(
+            spec: graph_module(spec)(
                 self.model,
                 self.cache,
                 self.counts,
@@ -148,6 +170,7 @@ class Runner:
                 config.num_candidates,
                 config.num_top_logprobs,
                 config.return_logits,
+                config.return_candidates,
             )
             for spec in config.graph_specs()
         }

@@ -68,6 +68,32 @@ class TokenCounts(nn.Module):
         self.counts.index_copy_(0, slots, rows)
         return rows
 
+    def window(
+        self,
+        slots: torch.Tensor,  # [B]
+        input_ids: torch.Tensor,  # [B, S]
+        positions: torch.Tensor,  # [B, S]
+        valid: torch.Tensor,  # [B, S] bool: real (not padding) tokens
+        vocab_offset: torch.Tensor,  # [1] int64
+    ) -> torch.Tensor:
+        """The counts each position of a multi-token window sees, without storing them: [B, S, V_r],
+        row b at window index i = the slot's counts + the fed tokens 0..i (what ``update`` would
+        have returned had the tokens come one step at a time). ``store`` keeps the chosen ones."""
+        keep = (positions[:, :1] != 0).to(self.counts.dtype)  # [B, 1]
+        rows = self.counts.index_select(0, slots) * keep  # [B, V_r]
+        local = input_ids - vocab_offset
+        inside = valid & (local >= 0) & (local < self.vocab_per_rank)
+        local = torch.where(inside, local, torch.zeros_like(local))
+        b, s = input_ids.shape
+        # one entry per (row, position): a scatter without collisions, then a running sum over S
+        fed = torch.zeros(b, s, self.vocab_per_rank, dtype=rows.dtype, device=rows.device)
+        fed = fed.scatter(2, local[..., None], inside[..., None].to(rows.dtype))
+        return rows[:, None] + fed.cumsum(dim=1)
+
+    def store(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """counts[slots[b]] = rows[b] ([B, V_r]; in place)."""
+        self.counts.index_copy_(0, slots, rows)
+
 
 @dataclass(frozen=True)
 class SampleOutput:
@@ -75,6 +101,9 @@ class SampleOutput:
     logprob: torch.Tensor  # [B] float32 raw logprob of the chosen token
     top_ids: torch.Tensor  # [B, n] int64
     top_logprobs: torch.Tensor  # [B, n] float32
+    # the distribution the token was drawn from (``candidates``), normalised: a draft model's q
+    cand_ids: torch.Tensor | None = None  # [B, C] int64
+    cand_probs: torch.Tensor | None = None  # [B, C] float32
 
 
 def suppress_(x: torch.Tensor, suppress_ids: torch.Tensor, vocab_offset: torch.Tensor) -> torch.Tensor:
@@ -136,6 +165,85 @@ def _merged_topk(
     return vals, ids.gather(-1, order)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The filtered sampling distribution of each row, restricted to the global top candidates:
+    ``ids`` [R, C] global ids sorted by descending (penalised, tempered) logit, identical on every
+    rank; ``weights`` [R, C] their probabilities after top-k / top-p / min-p (0 = filtered out), not
+    renormalised (a row's distribution is weights / weights.sum(-1)); ``greedy`` [R] bool (greedy
+    rows pick ``ids[:, 0]``)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    greedy: torch.Tensor
+
+
+def candidates(
+    logits: torch.Tensor,  # [R, V_r] float32, padded vocab = -inf (not modified)
+    params: torch.Tensor,  # [R, NUM_PARAMS] float32
+    counts: torch.Tensor,  # [R, V_r] occurrences of each token in the row's sequence so far
+    suppress_ids: torch.Tensor,  # [R, M] int64 global ids that must not be sampled (-1 = none)
+    vocab_offset: torch.Tensor,  # [1] int64
+    comm: Collectives,
+    num_candidates: int,
+) -> Candidates:
+    """Penalties -> suppressed ids -> temperature -> merged top ``num_candidates`` -> top-k ->
+    top-p -> min-p: the distribution ``sample`` draws from (and the speculation verify graph's p)."""
+    temperature, top_k, top_p, min_p, rep, presence, frequency = params.unbind(-1)
+
+    # penalties, over the tokens seen so far in this sequence (prompt + generated)
+    seen = counts > 0
+    rep = rep[:, None]
+    x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    x = x - presence[:, None] * seen.to(x.dtype) - frequency[:, None] * counts
+    x = suppress_(x, suppress_ids, vocab_offset)  # min_new_tokens (x is this function's own tensor)
+    greedy = temperature <= 0  # [R]
+    x = x / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+
+    cand, cand_ids = _merged_topk(x, num_candidates, vocab_offset, comm)  # [R, C]
+    c = cand.shape[-1]
+    rank_pos = torch.arange(c, device=x.device)[None]  # [1, C]
+    # top-k (0 = off): renormalise over the kept candidates; otherwise over the full vocab
+    use_k = (top_k > 0) & (top_k < c)
+    keep = ~use_k[:, None] | (rank_pos < top_k[:, None])
+    cand = cand.masked_fill(~keep, float("-inf"))
+    lse_k = torch.logsumexp(cand, dim=-1, keepdim=True)
+    lse = torch.where(use_k[:, None], lse_k, _global_lse(x, comm))
+    probs = torch.exp(cand - lse)  # [R, C], sorted descending
+    # top-p: keep the smallest prefix whose mass reaches top_p (always the first)
+    before = torch.cumsum(probs, dim=-1) - probs
+    keep = keep & (before < top_p[:, None])
+    # min-p: relative to the most likely token
+    keep = keep & (probs >= min_p[:, None] * probs[:, :1])
+    return Candidates(cand_ids, probs * keep.to(probs.dtype), greedy)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[R, C] non-negative weights (any scale), [R] uniforms in [0, 1) -> [R] the index of the first
+    candidate whose cumulative weight exceeds u x total (no ``torch.multinomial``)."""
+    cdf = torch.cumsum(weights, dim=-1)
+    target = uniforms[:, None] * cdf[:, -1:]
+    return (cdf <= target).sum(dim=-1).clamp(max=weights.shape[-1] - 1)
+
+
+def raw_logprobs(
+    logits: torch.Tensor,  # [R, V_r]
+    tokens: torch.Tensor,  # [R] global ids
+    vocab_offset: torch.Tensor,
+    comm: Collectives,
+    num_top: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logprobs of the model's raw distribution: the tokens' [R], and the global top ``num_top``
+    (ids [R, n], logprobs [R, n])."""
+    raw_lse = _global_lse(logits, comm)  # [R, 1]
+    local = tokens[:, None] - vocab_offset
+    inside = (local >= 0) & (local < logits.shape[-1])
+    chosen = logits.gather(-1, torch.where(inside, local, torch.zeros_like(local)))
+    chosen = comm.all_reduce(torch.where(inside, chosen, torch.zeros_like(chosen)))
+    top_vals, top_ids = _merged_topk(logits, num_top, vocab_offset, comm)
+    return (chosen - raw_lse)[:, 0], top_ids, top_vals - raw_lse
+
+
 def sample(
     logits: torch.Tensor,  # [B, V_r] float32, padded vocab = -inf
     params: torch.Tensor,  # [B, NUM_PARAMS] float32
@@ -147,44 +255,10 @@ def sample(
     num_candidates: int,
     num_top: int,
 ) -> SampleOutput:
-    temperature, top_k, top_p, min_p, rep, presence, frequency = params.unbind(-1)
-
-    # penalties, over the tokens seen so far in this sequence (prompt + generated)
-    seen = counts > 0
-    rep = rep[:, None]
-    x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    x = x - presence[:, None] * seen.to(x.dtype) - frequency[:, None] * counts
-    x = suppress_(x, suppress_ids, vocab_offset)  # min_new_tokens (x is this function's own tensor)
-    greedy = temperature <= 0  # [B]
-    x = x / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-
-    cand, cand_ids = _merged_topk(x, num_candidates, vocab_offset, comm)  # [B, C]
-    c = cand.shape[-1]
-    rank_pos = torch.arange(c, device=x.device)[None]  # [1, C]
-    # top-k (0 = off): renormalise over the kept candidates; otherwise over the full vocab
-    use_k = (top_k > 0) & (top_k < c)
-    keep = ~use_k[:, None] | (rank_pos < top_k[:, None])
-    cand = cand.masked_fill(~keep, float("-inf"))
-    lse_k = torch.logsumexp(cand, dim=-1, keepdim=True)
-    lse = torch.where(use_k[:, None], lse_k, _global_lse(x, comm))
-    probs = torch.exp(cand - lse)  # [B, C], sorted descending
-    # top-p: keep the smallest prefix whose mass reaches top_p (always the first)
-    before = torch.cumsum(probs, dim=-1) - probs
-    keep = keep & (before < top_p[:, None])
-    # min-p: relative to the most likely token
-    keep = keep & (probs >= min_p[:, None] * probs[:, :1])
-    w = probs * keep.to(probs.dtype)
-    cdf = torch.cumsum(w, dim=-1)
-    target = uniforms[:, None] * cdf[:, -1:]
-    pick = (cdf <= target).sum(dim=-1).clamp(max=c - 1)  # first index with cdf > u * total
-    pick = torch.where(greedy, torch.zeros_like(pick), pick)
-    tokens = cand_ids.gather(-1, pick[:, None])[:, 0]
-
-    # logprobs of the raw distribution
-    raw_lse = _global_lse(logits, comm)  # [B, 1]
-    local = tokens[:, None] - vocab_offset
-    inside = (local >= 0) & (local < logits.shape[-1])
-    chosen = logits.gather(-1, torch.where(inside, local, torch.zeros_like(local)))
-    chosen = comm.all_reduce(torch.where(inside, chosen, torch.zeros_like(chosen)))
-    top_vals, top_ids = _merged_topk(logits, num_top, vocab_offset, comm)
-    return SampleOutput(tokens, (chosen - raw_lse)[:, 0], top_ids, top_vals - raw_lse)
+    cand = candidates(logits, params, counts, suppress_ids, vocab_offset, comm, num_candidates)
+    pick = inverse_cdf(cand.weights, uniforms)
+    pick = torch.where(cand.greedy, torch.zeros_like(pick), pick)
+    tokens = cand.ids.gather(-1, pick[:, None])[:, 0]
+    logprob, top_ids, top_logprobs = raw_logprobs(logits, tokens, vocab_offset, comm, num_top)
+    probs = cand.weights / cand.weights.sum(dim=-1, keepdim=True)
+    return SampleOutput(tokens, logprob, top_ids, top_logprobs, cand.ids, probs)

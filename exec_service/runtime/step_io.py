@@ -7,10 +7,11 @@ conversions happen here only: ``StepInputs.args(spec)`` -> the graph's arguments
 ``StepOutputs.from_graph(names, outputs)`` <- what it returned.
 
 ``INPUTS`` gives every input's dtype and symbolic shape; ``GraphSpec.dims()`` sizes the symbols
-(B batch rows, S tokens per row, K KV length read, M suppressed ids per row, P sampling params).
-A new graph kind (e.g. speculation: draft tokens, draft probabilities) adds its inputs to ``INPUTS``
-and ``StepInputs`` (default None), its outputs to ``StepOutputs`` (default None), and names them in
-its spec; the engine, the runner and the TP broadcast need no other change.
+(B batch rows, S tokens per row, K KV length read, M suppressed ids per row, P sampling params,
+D = S - 1 draft tokens per row and Q the width of a drafter's q, for the verify graph).
+A new graph kind adds its inputs to ``INPUTS`` and ``StepInputs`` (default None), its outputs to
+``StepOutputs`` (default None), and names them in its spec; the engine, the runner and the TP
+broadcast need no other change (the speculation graph came in that way).
 """
 
 from __future__ import annotations
@@ -50,22 +51,33 @@ INPUTS: dict[str, InputDef] = {
     "suppress_ids": InputDef(torch.int64, ("B", "M")),  # ids that must not be chosen (-1 = none)
     "params": InputDef(torch.float32, ("B", "P")),  # sampling.PARAM_FIELDS per row
     "uniforms": InputDef(torch.float32, ("B",)),  # one seeded draw per row (inverse CDF)
+    # the verify graph (speculation): real drafts per row, its seeded draws (acceptance of each
+    # draft, then the final token), and the drafter's q per draft (support ids, probabilities)
+    "num_drafts": InputDef(torch.int64, ("B",)),
+    "draws": InputDef(torch.float32, ("B", "S")),
+    "draft_ids": InputDef(torch.int64, ("B", "D", "Q")),
+    "draft_probs": InputDef(torch.float32, ("B", "D", "Q")),
 }
 
 
 @dataclass(frozen=True)
 class StepInputs:
     """The tensors of one step. The sampling inputs (``params``, ``uniforms``) are taken by the full
-    sampler only; an input the graph does not take must be None (``check``)."""
+    sampler only, ``num_drafts`` / ``draws`` / ``draft_ids`` / ``draft_probs`` by the verify graph
+    (which takes no ``last_idx``); an input the graph does not take must be None (``check``)."""
 
     input_ids: torch.Tensor  # [B, S] int64
     positions: torch.Tensor  # [B, S] int64
     slots: torch.Tensor  # [B] int64
     mask: torch.Tensor  # [B, S, K] bool
-    last_idx: torch.Tensor  # [B] int64
-    suppress_ids: torch.Tensor  # [B, M] int64
+    last_idx: torch.Tensor | None = None  # [B] int64 (every graph but the verify graph)
+    suppress_ids: torch.Tensor | None = None  # [B, M] int64 (every graph)
     params: torch.Tensor | None = None  # [B, P] float32
     uniforms: torch.Tensor | None = None  # [B] float32
+    num_drafts: torch.Tensor | None = None  # [B] int64
+    draws: torch.Tensor | None = None  # [B, S] float32
+    draft_ids: torch.Tensor | None = None  # [B, D, Q] int64
+    draft_probs: torch.Tensor | None = None  # [B, D, Q] float32
 
     def __post_init__(self) -> None:
         """The inputs agree with each other: dtypes, ranks, and every symbol (B, S, ...) one size."""
@@ -118,12 +130,17 @@ class StepInputs:
 @dataclass(frozen=True)
 class StepOutputs:
     """What a step graph returned, by name; an output the graph does not produce is None (the
-    greedy graph returns tokens only; logits only with ``RuntimeConfig.return_logits``)."""
+    greedy graph returns tokens only; logits only with ``RuntimeConfig.return_logits``). The verify
+    graph's are per window position: tokens [B, S], logprob [B, S], top_* [B, S, n], logits
+    [B, S, V], with ``num_accepted``."""
 
-    tokens: torch.Tensor  # [B] int64 global ids
+    tokens: torch.Tensor  # [B] int64 global ids ([B, S] from the verify graph, -1 after the output)
     logprob: torch.Tensor | None = None  # [B] float32, the chosen token's raw logprob
     top_ids: torch.Tensor | None = None  # [B, n] int64
     top_logprobs: torch.Tensor | None = None  # [B, n] float32
+    num_accepted: torch.Tensor | None = None  # [B] int64 accepted drafts (verify graph)
+    cand_ids: torch.Tensor | None = None  # [B, C] the distribution sampled from (return_candidates)
+    cand_probs: torch.Tensor | None = None  # [B, C]
     logits: torch.Tensor | None = None  # [B, V] the full (gathered, unpadded) vocab
 
     def __post_init__(self) -> None:

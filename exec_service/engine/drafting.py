@@ -1,0 +1,202 @@
+"""Drafting for speculation: who proposes the draft tokens the verify graph checks, and when a row
+speculates at all.
+
+* ``Drafter`` (protocol): ``propose(rows) -> proposals``, told the outcome of each verify
+  (``verified``) and when a slot's sequence ends (``release``). ``width`` is Q, the width of the q it
+  reports per draft (``RuntimeConfig.draft_width``).
+* ``NgramDrafter`` (prompt lookup, no model): per row, the last n tokens (n = 3, then 2, then 1) are
+  looked up in the prompt + output so far; the tokens that followed their latest earlier occurrence
+  are the drafts. q is one-hot (``Proposal.q_ids`` None).
+* ``engine/draft_model.py``: a second, smaller artifact with the same tokenizer.
+* ``Adaptive``: per row, an exponential average of the drafts accepted per verify; a row whose
+  average falls below ``AdaptivePolicy.min_accepted`` pauses (the plain token-generation graph
+  decodes it) for a number of steps that doubles each time a probe fails, so a workload with nothing
+  to copy pays for one verify now and then, not every step.
+* The step's gate (``AdaptivePolicy.verify_cost``, applied by the engine): one row with drafts puts
+  every row of the step into the verify graph, which costs more than token generation for all of
+  them; so greedy rows speculate in a step only when the drafts they expect to be accepted outweigh
+  that cost for the whole batch (a row that is gated out pauses as after a failed probe). Sampled rows
+  are never gated: whether a sampled row verifies decides which of its seeded draws it uses, so that
+  decision must depend on the row alone (batch invariance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from exec_service.engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One row asking for drafts: its sequence so far (prompt + generated; the last token is the
+    one the verify graph feeds first) and how many drafts it may take."""
+
+    slot: int
+    tokens: Sequence[int]
+    max_drafts: int
+    sampling: SamplingParams
+    generator: torch.Generator  # the request's own: a draft model samples from it
+
+    def __post_init__(self) -> None:
+        if self.max_drafts < 1 or not self.tokens:
+            raise ValueError("a draft request needs tokens and max_drafts >= 1")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A row's drafts and, for a sampled row, the distribution each was drawn from (q_ids / q_probs
+    [n, Q]: support and probabilities); None = one-hot on the draft (n-gram drafts, greedy rows)."""
+
+    tokens: tuple[int, ...]
+    q_ids: torch.Tensor | None = None
+    q_probs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        for q in (self.q_ids, self.q_probs):
+            if q is not None and (q.dim() != 2 or q.shape[0] != n):
+                raise ValueError(f"q must be [{n}, Q], got {list(q.shape)}")
+        if (self.q_ids is None) != (self.q_probs is None):
+            raise ValueError("q_ids and q_probs go together")
+
+
+NO_DRAFTS = Proposal(())
+
+
+class Drafter(Protocol):
+    width: int  # Q
+
+    def propose(self, rows: Sequence[DraftRequest]) -> list[Proposal]: ...
+
+    def verified(self, slot: int, length_before: int, num_drafts: int, num_accepted: int) -> None:
+        """The verify graph took ``num_accepted`` of the ``num_drafts`` drafts of the sequence in
+        ``slot``, which was ``length_before`` tokens long."""
+
+    def release(self, slot: int) -> None:
+        """The sequence in ``slot`` ended (the slot's next sequence starts afresh)."""
+
+    def close(self) -> None: ...
+
+
+class NgramDrafter:
+    """Prompt lookup: the continuation of the latest earlier occurrence of the row's last n tokens."""
+
+    width = 1
+
+    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, rows: Sequence[DraftRequest]) -> list[Proposal]:
+        return [Proposal(ngram_lookup(r.tokens, r.max_drafts, self.max_n, self.min_n)) for r in rows]
+
+    def verified(self, slot: int, length_before: int, num_drafts: int, num_accepted: int) -> None:
+        pass
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def ngram_lookup(tokens: Sequence[int], k: int, max_n: int = 3, min_n: int = 1) -> tuple[int, ...]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens (n from
+    ``max_n`` down to ``min_n``; the first n that occurs wins); () when none occurs."""
+    seq = np.asarray(tokens, dtype=np.int64)
+    length = len(seq)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # windows starting at 0 .. length - n - 1: each has at least one token after it, and the
+        # suffix itself (starting at length - n) is not among them
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # [length - n, n]
+        hits = np.flatnonzero((windows == seq[length - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tuple(int(t) for t in seq[start : start + k])
+    return ()
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """When a row speculates. ``min_accepted``: the average accepted drafts per verify below which
+    a verify costs more than it gains (on cpu a k = 4 verify step costs ~1.1-1.5 decode steps);
+    ``smoothing``: the weight of the newest verify in that average; a paused row probes again after
+    ``pause_steps``, doubled after each failed probe up to ``max_pause_steps``. The costs are
+    lopsided — a failed verify wastes a fraction of a step, a pause during a copy loses up to k
+    tokens per step — so a row gives up slowly (about five failures in a row from the start) and
+    pauses briefly at first."""
+
+    min_accepted: float = 0.3
+    smoothing: float = 0.3
+    pause_steps: int = 4
+    max_pause_steps: int = 64
+    # what a verify step costs beyond a token-generation step, per row of the step, in tokens
+    # (SmolLM2 on the 2-core cpu, k = 4: x1.27 at batch 1, x1.4-1.55 at batch 8)
+    verify_cost: float = 0.4
+
+    def __post_init__(self) -> None:
+        if (
+            not 0 < self.smoothing <= 1
+            or self.min_accepted < 0
+            or self.pause_steps < 1
+            or self.verify_cost < 0
+        ):
+            raise ValueError("smoothing in (0, 1], min_accepted >= 0, pause_steps >= 1, verify_cost >= 0")
+        if self.max_pause_steps < self.pause_steps:
+            raise ValueError("max_pause_steps must be >= pause_steps")
+
+
+ALWAYS = None  # Engine(adaptive=ALWAYS): every row drafts every step it can (tests)
+
+
+class Adaptive:
+    """One row's state under an ``AdaptivePolicy`` (a fresh row speculates)."""
+
+    def __init__(self, policy: AdaptivePolicy) -> None:
+        self.policy = policy
+        self.average = policy.min_accepted + 1.0  # optimistic: the first verifies decide
+        self.paused = 0  # decode steps left without drafting
+        self.pause = policy.pause_steps  # the next pause's length
+
+    @property
+    def expected(self) -> float:
+        """Drafts this row expects to be accepted in a verify (its running average)."""
+        return self.average
+
+    def should_draft(self) -> bool:
+        """Called once per decode step of the row."""
+        if self.paused > 0:
+            self.paused -= 1
+            return False
+        return True
+
+    def record(self, num_accepted: int) -> None:
+        """A verify with drafts accepted ``num_accepted`` of them."""
+        p = self.policy
+        self.average = (1 - p.smoothing) * self.average + p.smoothing * num_accepted
+        if self.average >= p.min_accepted:
+            self.pause = p.pause_steps  # speculation pays here (again): the next pause starts short
+            return
+        self._pause()
+        self.average = self._probe  # after the pause one verify decides again
+
+    def gated(self) -> None:
+        """The row could draft but the step's gate said no: pause as after a failed probe; afterwards
+        the row asks again with at least the expectation that lets a lone row through the gate."""
+        self._pause()
+        self.average = max(self.average, self._probe)
+
+    @property
+    def _probe(self) -> float:
+        return max(self.policy.min_accepted, self.policy.verify_cost)
+
+    def _pause(self) -> None:
+        self.paused = self.pause
+        self.pause = min(2 * self.pause, self.policy.max_pause_steps)

@@ -30,7 +30,7 @@ pytest.importorskip(
 )
 
 from exec_service.model.collectives import GROUP_NAME
-from exec_service.runtime.graphs import CONTEXT, DECODE, GraphSpec, make_mask
+from exec_service.runtime.graphs import CONTEXT, DECODE, SPECULATE, GraphSpec, make_mask
 from exec_service.runtime.neuron.capture import CapturedGraph, capture
 from exec_service.runtime.neuron.collective_legalize import CollectiveError
 from exec_service.runtime.neuron.lowering import LoweredGraph, LoweringError, lower
@@ -45,10 +45,17 @@ from tests.family_exec import CASES
 from tests.hf_reference import HFShards, source_from_hf, tiny_hf
 
 FAMILIES = ("llama", "qwen2", "qwen3", "granite", "phi3", "mixtral", "qwen3_moe", "llama4")
-# one graph per kind: a context graph, a full and a greedy token-generation graph (small, so that
-# 8 families x 2 tp stay within the CI budget; any new kind in graph_set() is picked up)
+# one graph per kind: a context graph, a full and a greedy token-generation graph, a full and a
+# greedy verify graph (n-gram speculation, k = 2) (small, so that 8 families x 2 tp stay within the
+# CI budget; any new kind in graph_set() is picked up)
 SHAPE = RuntimeConfig(
-    max_batch_size=2, max_seq_len=32, context_buckets=(16,), batch_buckets=(2,), kv_buckets=(32,)
+    max_batch_size=2,
+    max_seq_len=32,
+    context_buckets=(16,),
+    batch_buckets=(2,),
+    kv_buckets=(32,),
+    speculation="ngram",
+    num_speculative_tokens=2,
 )
 EXE = Path(sys.executable).parent / "neuron-serve"
 
@@ -147,7 +154,8 @@ def test_every_graph_of_every_family_lowers(family: str, tp: int, checkpoints, t
     assert report["ok"], [(g["graph"], g["op"], g["error"], g["violations"]) for g in graphs if not g["ok"]]
     specs = neuron_config(SHAPE).graph_specs()
     assert [g["graph"] for g in graphs] == [s.name for s in specs]
-    assert {s.kind for s in specs} >= {CONTEXT, DECODE} and any(s.greedy for s in specs)
+    assert {s.kind for s in specs} == {CONTEXT, DECODE, SPECULATE}
+    assert {s.kind for s in specs if s.greedy} == {DECODE, SPECULATE}
     for g, spec in zip(graphs, specs, strict=True):
         text = (tmp_path / g["file"]).read_text()
         check_module(text, tp)
@@ -162,8 +170,9 @@ def test_every_graph_of_every_family_lowers(family: str, tp: int, checkpoints, t
 
 
 def test_every_rank_lowers_to_the_same_program_cli(tmp_path) -> None:
-    """`neuron-serve compile --device neuron --stablehlo DIR` on a tp=2 artifact: exit 0, one module
-    per graph per rank, rank 1's module identical to rank 0's (one program for every rank)."""
+    """`neuron-serve compile --device neuron --stablehlo DIR` on a tp=2 artifact with draft-model
+    speculation: exit 0, one module per graph per rank (the verify graphs with q included), rank 1's
+    module identical to rank 0's (one program for every rank)."""
     from tests.helpers import make_llama
 
     make_llama(tmp_path / "ckpt", seed=4)
@@ -185,7 +194,8 @@ def test_every_rank_lowers_to_the_same_program_cli(tmp_path) -> None:
         "--batch-buckets",
         "2",
     ]
-    shape += ["--kv-buckets", "32"]
+    # draft-model speculation: the verify graphs that take the draft's distribution q [B, k, Q]
+    shape += ["--kv-buckets", "32", "--speculation", "draft", "--num-speculative-tokens", "2"]
     proc = subprocess.run(
         [EXE, "compile", manifest, "--device", "neuron", *shape, "--stablehlo", out],
         capture_output=True,
@@ -197,7 +207,7 @@ def test_every_rank_lowers_to_the_same_program_cli(tmp_path) -> None:
     assert report["ok"] and report["tp"] == 2 and report["ranks"] == [0, 1]
     names = sorted(p.name for p in (out / "rank-00000").iterdir())
     assert names == sorted(p.name for p in (out / "rank-00001").iterdir())
-    assert len(names) == 3
+    assert len(names) == 5 and any(n.startswith("spec_") and "_q" in n for n in names), names
     for name in names:
         a, b = (out / "rank-00000" / name).read_text(), (out / "rank-00001" / name).read_text()
         assert a == b, name

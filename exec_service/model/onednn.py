@@ -13,11 +13,13 @@ packed weight is an opaque mkldnn tensor, which neither Dynamo nor export can tr
 * ``torch.export`` (StableHLO lowering, Neuron): plain ``F.linear``.
 
 One exception inside compiled cpu graphs: a linear of at most ``REDUCTION_MAX_ROWS`` rows (batch-1
-and batch-2 decode) is written as the reduction ``(x[..., None, :] * w).sum(-1)``, which Inductor
-turns into one vectorised, multi-threaded C++ loop that streams the weight once at the memory
-bandwidth, fused with its neighbours (``reduction_linear``). SmolLM2's 121 decode matrices, one
-compiled graph, this 2-core AVX2 CPU: 1 row 15-21 ms vs oneDNN 34-35 ms; 2 rows 23 vs 33 ms; at
-4 rows oneDNN wins (23 vs 27 ms) and at 8 clearly (36 vs 53 ms): docs/PERFORMANCE.md.
+and batch-2 decode) is written as one reduction per row, ``(x_r * w).sum(-1)``, which Inductor turns
+into one vectorised, OpenMP-parallel C++ loop that streams the weight once for all rows at the
+memory bandwidth, fused with its neighbours (``reduction_linear``). SmolLM2's 121 decode matrices,
+one compiled function, this 2-core AVX2 CPU, idle: 1 row 21.8 ms (45.9 steps/s, ``bench.roofline``)
+vs oneDNN 29.8 ms; 2 rows 18.1 vs 28.4 ms; 4 rows 22.6 vs 22.9 ms (a tie: oneDNN is kept); 8 rows
+35.0 vs 29.3 ms (oneDNN wins). int8 weights (``parallel.int8_linear``) gain more and longer: the
+loop converts them in registers, reading a quarter of the bytes (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -80,27 +82,32 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-# Rows up to which compiled cpu graphs compute a linear as a reduction rather than a GEMM call.
+# Rows up to which compiled cpu graphs compute an fp32 linear as reductions rather than a oneDNN call.
 REDUCTION_MAX_ROWS = 2
 
 
-def reduction_rows(x: torch.Tensor) -> bool:
-    """Whether a compiled cpu graph computes ``x @ W^T`` as a reduction (a trace-time, shape-only
+def reduction_rows(x: torch.Tensor, max_rows: int = REDUCTION_MAX_ROWS) -> bool:
+    """Whether a compiled cpu graph computes ``x @ W^T`` as reductions (a trace-time, shape-only
     choice: static shapes fix it per graph)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.numel() // x.shape[-1] <= REDUCTION_MAX_ROWS
+        and x.numel() // x.shape[-1] <= max_rows
         and torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
     )
 
 
 def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` as an elementwise product summed over the input dim: [..., in] x [out, in] ->
-    [..., out]. Inside a compiled graph this is one fused loop over the weight's rows (the weight may
-    be int8: the conversion happens in the loop, so only its bytes are read)."""
-    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
+    """``x @ weight^T`` as one elementwise product summed over the input dim per row of ``x``:
+    [..., in] x [out, in] -> [..., out]. Inside a compiled graph the rows' reductions share one loop
+    over the weight's rows, which reads the weight once for all of them (the weight may be int8: the
+    conversion happens in the loop, so only its bytes are read). Meant for few rows (one reduction
+    each, unrolled at trace time)."""
+    w = weight.to(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])  # [R, in]
+    out = torch.stack([(row * w).sum(-1) for row in rows.unbind(0)])  # [R, out]
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def packed_linear(

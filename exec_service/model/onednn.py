@@ -12,14 +12,18 @@ packed weight is an opaque mkldnn tensor, which neither Dynamo nor export can tr
   extern kernel and fuses everything around it;
 * ``torch.export`` (StableHLO lowering, Neuron): plain ``F.linear``.
 
-One exception inside compiled cpu graphs: a linear of at most ``REDUCTION_MAX_ROWS`` rows (batch-1
-and batch-2 decode) is written as one reduction per row, ``(x_r * w).sum(-1)``, which Inductor turns
-into one vectorised, OpenMP-parallel C++ loop that streams the weight once for all rows at the
+One exception inside compiled cpu graphs: a linear of one row (batch-1 decode,
+``REDUCTION_MAX_ROWS``) is written as the reduction ``(x * w).sum(-1)``, which Inductor turns into
+one vectorised, OpenMP-parallel C++ loop over the weight's rows that streams the weight at the
 memory bandwidth, fused with its neighbours (``reduction_linear``). SmolLM2's 121 decode matrices,
-one compiled function, this 2-core AVX2 CPU, idle: 1 row 21.8 ms (45.9 steps/s, ``bench.roofline``)
-vs oneDNN 29.8 ms; 2 rows 18.1 vs 28.4 ms; 4 rows 22.6 vs 22.9 ms (a tie: oneDNN is kept); 8 rows
-35.0 vs 29.3 ms (oneDNN wins). int8 weights (``parallel.int8_linear``) gain more and longer: the
-loop converts them in registers, reading a quarter of the bytes (docs/PERFORMANCE.md).
+one compiled function, this 2-core AVX2 CPU, idle: 21.8 ms (45.9 steps/s, ``bench.roofline``) vs
+oneDNN 29.8 ms; the whole batch-1 decode graph 18.2 ms vs 41.4 ms eager. int8 weights
+(``parallel.int8_linear``) go the same way: the loop converts them in registers, reading a quarter
+of the bytes. Not at 2 rows or more: alone, 2-8 rows of reductions beat oneDNN / int8pack too, but
+inside a decode graph Inductor inlines the producer (the RMSNorm) into the reduction loop, computing
+it again for every output element, and picks a poor loop order at 2 rows: whole decode steps,
+idle, fp32 batch 2 30.8 vs 27.9 ms with oneDNN, int8 batch 2 31.0 vs 26.4 ms and batch 8 93.8 vs
+54.3 ms with int8pack (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -82,32 +86,28 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-# Rows up to which compiled cpu graphs compute an fp32 linear as reductions rather than a oneDNN call.
-REDUCTION_MAX_ROWS = 2
+# Rows up to which compiled cpu graphs compute a linear as a reduction rather than a oneDNN / int8pack
+# call (see above: measured inside whole decode graphs).
+REDUCTION_MAX_ROWS = 1
 
 
-def reduction_rows(x: torch.Tensor, max_rows: int = REDUCTION_MAX_ROWS) -> bool:
-    """Whether a compiled cpu graph computes ``x @ W^T`` as reductions (a trace-time, shape-only
+def reduction_rows(x: torch.Tensor) -> bool:
+    """Whether a compiled cpu graph computes ``x @ W^T`` as a reduction (a trace-time, shape-only
     choice: static shapes fix it per graph)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.numel() // x.shape[-1] <= max_rows
+        and x.numel() // x.shape[-1] <= REDUCTION_MAX_ROWS
         and torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
     )
 
 
 def reduction_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` as one elementwise product summed over the input dim per row of ``x``:
-    [..., in] x [out, in] -> [..., out]. Inside a compiled graph the rows' reductions share one loop
-    over the weight's rows, which reads the weight once for all of them (the weight may be int8: the
-    conversion happens in the loop, so only its bytes are read). Meant for few rows (one reduction
-    each, unrolled at trace time)."""
-    w = weight.to(x.dtype)
-    rows = x.reshape(-1, x.shape[-1])  # [R, in]
-    out = torch.stack([(row * w).sum(-1) for row in rows.unbind(0)])  # [R, out]
-    return out.view(*x.shape[:-1], weight.shape[0])
+    """``x @ weight^T`` as an elementwise product summed over the input dim: [..., in] x [out, in] ->
+    [..., out]. Inside a compiled graph this is one fused loop over the weight's rows (the weight may
+    be int8: the conversion happens in the loop, so only its bytes are read)."""
+    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
 
 
 def packed_linear(

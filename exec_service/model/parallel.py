@@ -34,11 +34,6 @@ INT8_KERNELS = ("int8pack", "dequant")
 # cost grows ~linearly with the rows on AVX2 (one step's linears, loaded machine: 128 rows 1.6 s
 # int8pack vs 0.8 s dequant; 64 rows 0.85 s vs 2.2 s).
 INT8PACK_MAX_ROWS = 64
-# In compiled cpu graphs up to this many rows the int8 linear is a fused reduction over the int8
-# bytes (``onednn.reduction_linear``), ahead of int8pack: SmolLM2's 120 int8 layer matrices, idle,
-# 1 row 4.95 vs 11.9 ms, 2 rows 5.9 vs 11.6, 4 rows 9.4 vs 14.2, 8 rows 17.6 vs 25.7; at 16 rows
-# int8pack wins (35.0 vs 40.4 ms).
-INT8_REDUCTION_MAX_ROWS = 8
 
 
 def int8_linear(
@@ -58,12 +53,12 @@ def int8_linear(
     * ``dequant`` (cuda, neuron tracing, large prefills, and every other case): the per-output-channel
       scale factors out of the matmul, ``(x q^T) * scale``: one int8 -> x.dtype conversion of the
       weight per call, the GEMM in x's dtype, exact up to that dtype's rounding.
-    * ``int8pack`` in compiled cpu graphs with at most ``INT8_REDUCTION_MAX_ROWS`` rows
-      (decode): ``(x q^T) * scale`` as one fused reduction loop that reads the int8 bytes
+    * ``int8pack`` in compiled cpu graphs with one row (batch-1 decode, ``onednn.reduction_rows``):
+      ``(x q^T) * scale`` as one fused reduction loop that reads the int8 bytes
       and converts them in registers (``onednn.reduction_linear``), exact like ``dequant``.
     The static shapes of a graph fix the branch taken (shape-only Python control flow)."""
     rows = x.numel() // x.shape[-1]
-    if kernel == "int8pack" and reduction_rows(x, INT8_REDUCTION_MAX_ROWS):
+    if kernel == "int8pack" and reduction_rows(x):
         y = reduction_linear(x, q) * scale.to(x.dtype)
     elif kernel == "int8pack" and rows <= INT8PACK_MAX_ROWS and x.device.type == "cpu":
         y = torch.ops.aten._weight_int8pack_mm(

@@ -5,13 +5,19 @@ acceptance rates; whether every mode produced the same tokens (it must: greedy).
 
     .venv/bin/python -m bench.speculation [--batches 1,8] [--new 128] [--reps 2] [--k 4]
                                           [--modes off,ngram,draft] [--workloads copy,free]
-                                          [--no-record]
+                                          [--ignore-eos] [--no-record]
 
 Targets (issue 17, idle machine): ngram k = 4 >= 2x at batch 1 on the copy-heavy workload,
 >= 0.95x on free generation. Runs alternate between the modes in one process, each mode's engine
-built once per batch size. Per run: decode tok/s = tokens produced after every row has its first
-token / the time since then (prefill excluded); e2e tok/s = all tokens / total time. Acceptance =
-accepted / proposed drafts; mean accepted length = tokens a speculating row gains per verify step.
+built once per batch size. A run covers every prompt of the workload: at batch b the prompts go in
+groups of b (cycled to fill the last group), one group after the other, so batch 1 measures all three
+copy tasks, not only the first. Each request ends at the model's own EOS or at ``--new`` tokens
+(``--ignore-eos``: always ``--new``; the text after an EOS is no longer the copy task, so that
+measures free generation appended to it). Greedy: every mode produces the same tokens, so the modes
+are timed on the same work. Per run: decode tok/s = tokens produced after every row of a group has
+its first token / the time since then, summed over the groups (prefill excluded); e2e tok/s = all
+tokens / total time. Acceptance = accepted / proposed drafts; mean accepted length = tokens a
+speculating row gains per verify step.
 ``--no-record``: print only (a smoke run on a busy machine is no result).
 """
 
@@ -72,10 +78,11 @@ def chat_ids(tok, text: str) -> list[int]:
     )
 
 
-def run(engine, prompts: list[list[int]], new: int) -> tuple[dict, list[list[int]]]:
+def run(engine, prompts: list[list[int]], new: int, ignore_eos: bool) -> tuple[dict, list[list[int]]]:
+    """One group of requests submitted together, to completion: raw sums (``summarise`` divides)."""
     from exec_service.engine import Request, SamplingParams, StoppingCriteria
 
-    stop = StoppingCriteria(max_new_tokens=new, ignore_eos=True)
+    stop = StoppingCriteria(max_new_tokens=new, ignore_eos=ignore_eos)
     before = engine.speculation_stats
     t0 = time.perf_counter()
     ids = [engine.add_request(Request(tuple(p), SamplingParams(), stop)) for p in prompts]
@@ -91,20 +98,45 @@ def run(engine, prompts: list[list[int]], new: int) -> tuple[dict, list[list[int
             if o.new_token_ids:
                 first.setdefault(o.request_id, t)
     start = max(first.values())  # every row is decoding from here on
-    after = sum(n for t, n in steps if t > start)
     stats = engine.speculation_stats
-    drafted = stats.draft_tokens - before.draft_tokens
-    accepted = stats.accepted_tokens - before.accepted_tokens
-    rows = stats.verified_rows - before.verified_rows
     return {
-        "decode_tok_s": after / (steps[-1][0] - start),
-        "e2e_tok_s": len(prompts) * new / (steps[-1][0] - t0),
-        "drafted": drafted,
-        "acceptance": accepted / drafted if drafted else 0.0,
-        "mean_accepted_length": 1 + accepted / rows if rows else 0.0,
+        "decode_tokens": sum(n for t, n in steps if t > start),
+        "decode_s": steps[-1][0] - start,
+        "tokens": sum(len(v) for v in tokens.values()),
+        "total_s": steps[-1][0] - t0,
+        "drafted": stats.draft_tokens - before.draft_tokens,
+        "accepted": stats.accepted_tokens - before.accepted_tokens,
+        "rows": stats.verified_rows - before.verified_rows,
         "verify_steps": stats.verify_steps - before.verify_steps,
         "steps": len(steps),
     }, [tokens[i] for i in ids]
+
+
+def run_workload(engine, groups: list[list[list[int]]], new: int, ignore_eos: bool) -> tuple[dict, list]:
+    """Every group in turn; the rates over all of them."""
+    sums: dict[str, float] = {}
+    outputs: list[list[int]] = []
+    for group in groups:
+        res, toks = run(engine, group, new, ignore_eos)
+        for k, v in res.items():
+            sums[k] = sums.get(k, 0) + v
+        outputs += toks
+    return {
+        "decode_tok_s": sums["decode_tokens"] / sums["decode_s"],
+        "e2e_tok_s": sums["tokens"] / sums["total_s"],
+        "tokens": sums["tokens"],
+        "drafted": sums["drafted"],
+        "acceptance": sums["accepted"] / sums["drafted"] if sums["drafted"] else 0.0,
+        "mean_accepted_length": 1 + sums["accepted"] / sums["rows"] if sums["rows"] else 0.0,
+        "verify_steps": sums["verify_steps"],
+        "steps": sums["steps"],
+    }, outputs
+
+
+def groups_of(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
+    """The workload's prompts in groups of b, the last group filled by cycling from the start."""
+    n = -(-len(prompts) // b)
+    return [[prompts[(g * b + i) % len(prompts)] for i in range(b)] for g in range(n)]
 
 
 def main() -> None:
@@ -116,6 +148,9 @@ def main() -> None:
     ap.add_argument("--modes", default="off,ngram,draft", help="off (the baseline) is always run")
     ap.add_argument("--workloads", default="copy,free")
     ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument(
+        "--ignore-eos", action="store_true", help="every request runs --new tokens (past its EOS)"
+    )
     ap.add_argument("--no-record", action="store_true", help="print only, append nothing to results")
     args = ap.parse_args()
 
@@ -146,14 +181,14 @@ def main() -> None:
         try:
             for workload in args.workloads.split(","):
                 texts = WORKLOADS[workload]
-                prompts = [chat_ids(tok, texts[i % len(texts)]) for i in range(b)]
+                groups = groups_of([chat_ids(tok, t) for t in texts], b)
                 for mode in modes:  # warm-up: every bucket these prompts use, every graph kind
-                    run(engines[mode], prompts, min(args.new, 16))
+                    run_workload(engines[mode], groups, min(args.new, 16), True)
                 results: dict[str, list[dict]] = {m: [] for m in modes}
                 outputs: dict[str, list[list[int]]] = {}
                 for _ in range(args.reps):  # alternating
                     for mode in modes:
-                        res, toks = run(engines[mode], prompts, args.new)
+                        res, toks = run_workload(engines[mode], groups, args.new, args.ignore_eos)
                         results[mode].append(res)
                         outputs[mode] = toks
                 base = statistics.median(r["decode_tok_s"] for r in results["off"])
@@ -167,6 +202,7 @@ def main() -> None:
                         "decode_tok_s": med["decode_tok_s"],
                         "speedup": med["decode_tok_s"] / base,
                         "e2e_tok_s": med["e2e_tok_s"],
+                        "tokens": med["tokens"],
                         "acceptance": med["acceptance"],
                         "mean_accepted_length": med["mean_accepted_length"],
                         "verify_steps": med["verify_steps"],

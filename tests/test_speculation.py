@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from exec_service.engine import (
     SamplingParams,
     StoppingCriteria,
 )
-from exec_service.engine.drafting import Adaptive, AdaptivePolicy, Proposal, ngram_lookup
+from exec_service.engine.drafting import Adaptive, AdaptivePolicy, Proposal, VerifyCost, ngram_lookup
 from exec_service.model.collectives import SINGLE
 from exec_service.runtime.graphs import (
     CONTEXT,
@@ -265,6 +266,36 @@ def test_adaptive_pauses_and_backs_off() -> None:
     g.average = 0.35
     g.gated()
     assert [g.should_draft() for _ in range(3)] == [False, False, True] and g.expected == 0.4
+
+
+def test_verify_cost_is_measured_per_bucket() -> None:
+    """The gate's cost: the prior until a bucket has timed both kinds of step (the first of each is a
+    warm-up), then median verify / median decode - 1; token generation is asked for while a bucket's
+    decode time is unknown and again after ``refresh`` verifies in a row; a closed gate probes after
+    ``probe_every`` closed steps, then ever more rarely, and starts again when it opens."""
+    c = VerifyCost(prior=0.4, window=3, refresh=3, probe_every=2, max_probe_every=4)
+    assert c.per_row(8) == 0.4 and c.needs_decode(8)
+    c.observe(False, 8, 5.0)  # warm-up: not counted
+    assert c.needs_decode(8)
+    c.observe(False, 8, 0.010)
+    assert not c.needs_decode(8) and c.per_row(8) == 0.4  # no verify timed yet
+    c.observe(True, 8, 9.0)  # warm-up
+    c.observe(True, 8, 0.025)
+    assert c.per_row(8) == pytest.approx(1.5) and c.per_row(1) == 0.4  # other buckets: the prior
+    c.observe(True, 8, 0.015)
+    c.observe(True, 8, 1.0)  # an outlier: the median of the last three (0.025, 0.015, 1.0) ignores it
+    assert c.per_row(8) == pytest.approx(1.5)
+    assert c.needs_decode(8)  # three verifies in a row: time token generation again
+    c.observe(False, 8, 0.030)  # median of (0.010, 0.030) = 0.020
+    assert not c.needs_decode(8) and c.per_row(8) == pytest.approx(0.025 / 0.020 - 1)
+    # probing a closed gate: after 2 closed steps, then after 4, 4 (the maximum)
+    assert [c.probe_due(8) for _ in range(2)] == [False, True]
+    assert [c.probe_due(8) for _ in range(4)] == [False, False, False, True]
+    assert [c.probe_due(8) for _ in range(4)] == [False, False, False, True]
+    c.opened(8)  # the gate opened by itself: back to every 2
+    assert [c.probe_due(8) for _ in range(2)] == [False, True]
+    c.observe(True, 8, 0.0001)
+    assert c.per_row(8) >= 0.0  # never negative
 
 
 # ---- the verify graphs --------------------------------------------------------------------------------
@@ -598,6 +629,29 @@ def test_adaptive_fallback_to_token_generation(model, reference) -> None:
         assert [t for t, _ in res.values()] == reference
         verifies = sum(spec.kind == SPECULATE for spec, _ in ran)
         assert 2 <= verifies <= N // 6
+
+
+def test_gate_measures_what_speculating_costs(model, reference) -> None:
+    """Drafts that are mostly right but take 0.3 s to make (a token-generation step of this model
+    takes milliseconds): once the engine has timed both kinds of step, a verify costs far more than
+    its accepted drafts gain, and the greedy row stops speculating; the tokens are transformers'."""
+
+    class SlowOracle(OracleDrafter):
+        def propose(self, rows):
+            time.sleep(0.3)
+            return super().propose(rows)
+
+    refs = {tuple(p): r for p, r in zip(PROMPTS, reference, strict=True)}
+    with Engine(
+        source_from_hf(model), CONFIG, drafter=SlowOracle(refs, model.config.vocab_size, K)
+    ) as engine:
+        ran = record(engine)
+        ((toks, _),) = engine.generate([greedy(PROMPTS[2], N)]).values()
+        assert toks == reference[2]
+        verifies = sum(spec.kind == SPECULATE for spec, _ in ran)
+        # two decode steps timed first, then the first verify (a warm-up) and the one that is timed;
+        # afterwards only the closed gate's probes (after 16 closed steps, then 32, ...)
+        assert 1 <= verifies <= 5, verifies
 
 
 # ---- the engine's sampled distribution, exactly --------------------------------------------------------

@@ -12,16 +12,22 @@ speculates at all.
   average falls below ``AdaptivePolicy.min_accepted`` pauses (the plain token-generation graph
   decodes it) for a number of steps that doubles each time a probe fails, so a workload with nothing
   to copy pays for one verify now and then, not every step.
-* The step's gate (``AdaptivePolicy.verify_cost``, applied by the engine): one row with drafts puts
-  every row of the step into the verify graph, which costs more than token generation for all of
-  them; so greedy rows speculate in a step only when the drafts they expect to be accepted outweigh
-  that cost for the whole batch (a row that is gated out pauses as after a failed probe). Sampled rows
-  are never gated: whether a sampled row verifies decides which of its seeded draws it uses, so that
-  decision must depend on the row alone (batch invariance).
+* The step's gate (applied by the engine): one row with drafts puts every row of the step into the
+  verify graph, which costs more than token generation for all of them; so greedy rows speculate in a
+  step only when the drafts they expect to be accepted outweigh that cost for the whole batch (a row
+  that is gated out pauses as after a failed probe). The cost is measured (``VerifyCost``: the
+  engine's own verify and token-generation steps per batch bucket, drafting included), with
+  ``AdaptivePolicy.verify_cost`` as the prior until both kinds of step have run: the verify graph's
+  relative cost differs by device, batch size and drafter (measured here, eager SmolLM2: x1.3 at
+  batch 1, x2.4 at batch 8). Sampled rows are never gated: whether a sampled row verifies decides
+  which of its seeded draws it uses, so that decision must depend on the row alone (batch
+  invariance).
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -137,8 +143,8 @@ class AdaptivePolicy:
     smoothing: float = 0.3
     pause_steps: int = 4
     max_pause_steps: int = 64
-    # what a verify step costs beyond a token-generation step, per row of the step, in tokens
-    # (SmolLM2 on the 2-core cpu, k = 4: x1.27 at batch 1, x1.4-1.55 at batch 8)
+    # what a verify step costs beyond a token-generation step, per row of the step, in tokens: the
+    # prior until the engine has timed both kinds of step at a batch bucket (``VerifyCost``)
     verify_cost: float = 0.4
 
     def __post_init__(self) -> None:
@@ -189,7 +195,9 @@ class Adaptive:
 
     def gated(self) -> None:
         """The row could draft but the step's gate said no: pause as after a failed probe; afterwards
-        the row asks again with at least the expectation that lets a lone row through the gate."""
+        the row asks again with at least the policy's probe expectation (whether that passes the
+        gate depends on the measured cost; a closed gate's own probes, ``VerifyCost.probe_due``,
+        measure the row's acceptance again now and then)."""
         self._pause()
         self.average = max(self.average, self._probe)
 
@@ -200,3 +208,76 @@ class Adaptive:
     def _pause(self) -> None:
         self.paused = self.pause
         self.pause = min(2 * self.pause, self.policy.max_pause_steps)
+
+
+class VerifyCost:
+    """What a verify step costs beyond a token-generation step, per row, in tokens, by batch bucket:
+    ``verify seconds / decode seconds - 1`` from the engine's own steps (each the median of the last
+    ``window`` steps of its kind; the first step of each kind and bucket is a warm-up and not
+    counted), ``prior`` until both are known. Break-even: a verify over n rows yields n + accepted
+    tokens where decode yields n, so it pays when the accepted drafts exceed n x this cost.
+
+    * ``needs_decode``: the decode time of a bucket is unknown, or ``refresh`` verifies ran in a row
+      — a step whose rows would all verify runs token generation instead, so that rows which always
+      speculate still learn what speculating costs (at most one step in ``refresh`` gives up its
+      drafts).
+    * ``probe_due``: the gate has been closed for ``probe_every`` steps of a bucket — one step verifies
+      anyway, so that a cost measured in a bad moment, or acceptance that has changed, is measured
+      again; the interval doubles with each probe (up to ``max_probe_every``) and starts again when
+      the gate opens by itself."""
+
+    def __init__(
+        self,
+        prior: float,
+        window: int = 5,
+        refresh: int = 64,
+        probe_every: int = 16,
+        max_probe_every: int = 256,
+    ) -> None:
+        if prior < 0 or window < 1 or refresh < 1 or not 1 <= probe_every <= max_probe_every:
+            raise ValueError("prior >= 0, window >= 1, refresh >= 1, 1 <= probe_every <= max_probe_every")
+        self.prior, self.window, self.refresh = prior, window, refresh
+        self.probe_every, self.max_probe_every = probe_every, max_probe_every
+        self._times: dict[tuple[bool, int], deque[float]] = {}
+        self._verifies_in_a_row: dict[int, int] = {}
+        self._closed: dict[int, int] = {}  # bucket -> steps the gate has been closed since a verify
+        self._interval: dict[int, int] = {}  # bucket -> the current probe interval
+
+    def observe(self, verify: bool, bucket: int, seconds: float) -> None:
+        key = (verify, bucket)
+        self._verifies_in_a_row[bucket] = self._verifies_in_a_row.get(bucket, 0) + 1 if verify else 0
+        if verify:
+            self._closed[bucket] = 0
+        if key not in self._times:
+            self._times[key] = deque(maxlen=self.window)  # the warm-up step: not counted
+            return
+        self._times[key].append(seconds)
+
+    def _seconds(self, verify: bool, bucket: int) -> float | None:
+        times = self._times.get((verify, bucket))
+        return statistics.median(times) if times else None
+
+    def needs_decode(self, bucket: int) -> bool:
+        return self._seconds(False, bucket) is None or self._verifies_in_a_row.get(bucket, 0) >= self.refresh
+
+    def per_row(self, bucket: int) -> float:
+        v, d = self._seconds(True, bucket), self._seconds(False, bucket)
+        if v is None or d is None or d <= 0:
+            return self.prior
+        return max(0.0, v / d - 1.0)
+
+    def opened(self, bucket: int) -> None:
+        """The gate let a step verify on its own: probing starts again from ``probe_every``."""
+        self._interval[bucket] = self.probe_every
+
+    def probe_due(self, bucket: int) -> bool:
+        """Called when the gate would close a step: True (and the interval doubles) when the step
+        should verify anyway."""
+        closed = self._closed.get(bucket, 0) + 1
+        interval = self._interval.get(bucket, self.probe_every)
+        if closed >= interval:
+            self._interval[bucket] = min(2 * interval, self.max_probe_every)
+            self._closed[bucket] = 0
+            return True
+        self._closed[bucket] = closed
+        return False

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import secrets
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from exec_service.engine.drafting import (
     DraftRequest,
     NgramDrafter,
     Proposal,
+    VerifyCost,
 )
 from exec_service.engine.limits import EngineLimits, check_request
 from exec_service.engine.types import (
@@ -131,6 +133,7 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
         )
         self._adaptive = adaptive
+        self._verify_cost = VerifyCost(adaptive.verify_cost) if adaptive is not None else None
         self._stats = SpeculationStats()
         self._drafter = self._make_drafter(config, drafter, draft_source)
         try:
@@ -424,10 +427,15 @@ class Engine:
         )
         if not running:
             return []
-        drafts = self._propose(running) if self._drafter is not None else {}
-        if drafts:
-            return self._verify(running, drafts, pending)
-        return self._decode(running, pending)
+        if self._drafter is None:
+            return self._decode(running, pending)
+        t0 = time.perf_counter()
+        drafts = self._propose(running)
+        done = self._verify(running, drafts, pending) if drafts else self._decode(running, pending)
+        if self._verify_cost is not None:  # drafting included: it is part of what a verify costs
+            bucket = bucket_for(self.config.batch_buckets, len(running))
+            self._verify_cost.observe(bool(drafts), bucket, time.perf_counter() - t0)
+        return done
 
     def _rows(self, running: list[_Seq]) -> tuple[int, dict[int, int]]:
         """The batch bucket of a decode or verify step and each slot's row: in the largest bucket
@@ -506,7 +514,7 @@ class Engine:
 
     def _propose(self, running: list[_Seq]) -> dict[int, Proposal]:
         """Drafts per slot, for the rows that may and (adaptively) want to speculate — greedy rows
-        only when the step's gate lets them (``drafting.AdaptivePolicy.verify_cost``)."""
+        only when the step's gate lets them (the measured ``drafting.VerifyCost``)."""
         assert self._drafter is not None
         want = []
         for seq in running:
@@ -520,8 +528,15 @@ class Engine:
             and all(seq.request.sampling.temperature <= 0 for seq, _ in want)
         ):
             # greedy rows only (their tokens do not depend on it): verify when worth it for the batch
+            assert self._verify_cost is not None
+            bucket = bucket_for(self.config.batch_buckets, len(running))
+            if self._verify_cost.needs_decode(bucket):  # time token generation (no row pauses)
+                return {}
             expected = sum(min(seq.adaptive.expected, cap) for seq, cap in want if seq.adaptive is not None)
-            if expected < self._adaptive.verify_cost * len(running):
+            cost = self._verify_cost.per_row(bucket)
+            if expected >= cost * len(running):
+                self._verify_cost.opened(bucket)
+            elif not self._verify_cost.probe_due(bucket):
                 for seq, _ in want:
                     if seq.adaptive is not None:
                         seq.adaptive.gated()

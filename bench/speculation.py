@@ -79,7 +79,7 @@ def chat_ids(tok, text: str) -> list[int]:
 
 
 def run(engine, prompts: list[list[int]], new: int, ignore_eos: bool) -> tuple[dict, list[list[int]]]:
-    """One group of requests submitted together, to completion: raw sums (``summarise`` divides)."""
+    """One group of requests submitted together, to completion: raw sums (``run_workload`` divides)."""
     from exec_service.engine import Request, SamplingParams, StoppingCriteria
 
     stop = StoppingCriteria(max_new_tokens=new, ignore_eos=ignore_eos)

@@ -18,8 +18,8 @@ speculates at all.
   that is gated out pauses as after a failed probe). The cost is measured (``VerifyCost``: the
   engine's own verify and token-generation steps per batch bucket, drafting included), with
   ``AdaptivePolicy.verify_cost`` as the prior until both kinds of step have run: the verify graph's
-  relative cost differs by device, batch size and drafter (measured here, eager SmolLM2: x1.3 at
-  batch 1, x2.4 at batch 8). Sampled rows are never gated: whether a sampled row verifies decides
+  relative cost differs by device, batch size and drafter (eager SmolLM2 here: about x1.3 at
+  batch 1, about x2.4 at batch 8). Sampled rows are never gated: whether a sampled row verifies decides
   which of its seeded draws it uses, so that decision must depend on the row alone (batch
   invariance).
 """

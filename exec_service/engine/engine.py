@@ -430,10 +430,10 @@ class Engine:
         if self._drafter is None:
             return self._decode(running, pending)
         t0 = time.perf_counter()
-        drafts = self._propose(running)
+        bucket = bucket_for(self.config.batch_buckets, len(running))
+        drafts = self._propose(running, bucket)
         done = self._verify(running, drafts, pending) if drafts else self._decode(running, pending)
         if self._verify_cost is not None:  # drafting included: it is part of what a verify costs
-            bucket = bucket_for(self.config.batch_buckets, len(running))
             self._verify_cost.observe(bool(drafts), bucket, time.perf_counter() - t0)
         return done
 
@@ -512,9 +512,10 @@ class Engine:
             cap = min(cap, self.arch.max_position_embeddings - total)
         return cap
 
-    def _propose(self, running: list[_Seq]) -> dict[int, Proposal]:
+    def _propose(self, running: list[_Seq], bucket: int) -> dict[int, Proposal]:
         """Drafts per slot, for the rows that may and (adaptively) want to speculate — greedy rows
-        only when the step's gate lets them (the measured ``drafting.VerifyCost``)."""
+        only when the step's gate lets them (the measured ``drafting.VerifyCost`` of the step's
+        batch ``bucket``)."""
         assert self._drafter is not None
         want = []
         for seq in running:
@@ -529,7 +530,6 @@ class Engine:
         ):
             # greedy rows only (their tokens do not depend on it): verify when worth it for the batch
             assert self._verify_cost is not None
-            bucket = bucket_for(self.config.batch_buckets, len(running))
             if self._verify_cost.needs_decode(bucket):  # time token generation (no row pauses)
                 return {}
             expected = sum(min(seq.adaptive.expected, cap) for seq, cap in want if seq.adaptive is not None)
